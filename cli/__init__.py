@@ -1,0 +1,1 @@
+"""The `ddeseg` command line (installed as `ddeseg.cli`): thin Typer commands, no logic."""

@@ -1,0 +1,292 @@
+"""Typed configuration, loaded from `configs/*.yaml`.
+
+One tree of dataclasses mirrors the YAML. Unknown keys are errors (a typo in a config must not
+be silently ignored), missing keys take the defaults below. `load_config(path)` resolves
+`base:` inheritance (a config may name another YAML, relative to itself, whose values it
+overrides) and dotted overrides such as `train.steps=100`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ddeseg.errors import DDESegError
+
+# --------------------------------------------------------------------------------------------
+# Model (names follow the official `configs/ddeseg.yaml`; configs/README.md maps them)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FrontendConfig:
+    """The log-mel front end, shared by `prepare` (precompute) and the model (raw waveform)."""
+
+    sample_rate: int = 22050
+    n_fft: int = 1024  # official `window_size`
+    hop_length: int = 256  # official `hop_size`
+    mel_bins: int = 64
+    fmin: float = 50.0
+    # The official yaml says fmax 50 (an all-NaN filterbank that only worked because the
+    # HTS-AT checkpoint overwrites it); we default to the Nyquist band.
+    fmax: float = 11025.0
+
+
+@dataclass
+class AudioBackboneConfig:
+    """HTS-AT (official `audio_model`)."""
+
+    spec_size: int = 256
+    patch_size: int = 4
+    patch_stride: tuple[int, int] = (4, 4)
+    in_chans: int = 1
+    num_classes: int = 71
+    embed_dim: int = 96
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: tuple[int, ...] = (4, 8, 16, 32)
+    window_size: int = 8
+    mlp_ratio: float = 4.0
+    drop_path_rate: float = 0.1
+    enable_tscam: bool = True
+    # `eval`: frozen means frozen (bn0 statistics fixed, no SpecAugment, no stochastic depth);
+    # `official`: the audio backbone runs in train mode during training, as the official code.
+    mode: str = "eval"
+
+
+@dataclass
+class VisualBackboneConfig:
+    """MiT-style backbone with audio-visual aligners (official `vis_model`, type FAVS)."""
+
+    in_channels: tuple[int, ...] = (64, 128, 320, 512)
+    num_heads: tuple[int, ...] = (1, 2, 5, 8)
+    mlp_ratios: tuple[int, ...] = (4, 4, 4, 4)
+    qkv_bias: bool = True
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.1
+    depths: tuple[int, ...] = (3, 6, 40, 3)
+    sr_ratios: tuple[int, ...] = (8, 4, 2, 1)
+
+
+@dataclass
+class ModelConfig:
+    num_classes: int = 71
+    audio_embed_dim: int = 768
+    derived_semantics: int = 5  # official `align_model.aud_cls_num`
+    head_type: str = "norm"  # official `seg_head.type`: norm | weighted
+    head_embedding_dim: int = 768
+    frontend: FrontendConfig = field(default_factory=FrontendConfig)
+    audio: AudioBackboneConfig = field(default_factory=AudioBackboneConfig)
+    visual: VisualBackboneConfig = field(default_factory=VisualBackboneConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Data, training, loss, evaluation
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AugmentConfig:
+    crop_scale_min: float = 0.6  # minimum area ratio of the box-constrained crop
+    crop_ratio: tuple[float, float] = (0.75, 1.3333)
+    hflip: bool = True
+    color_jitter: tuple[float, float, float, float] = (0.2, 0.2, 0.2, 0.1)
+    spec_augment: bool = False  # time/frequency masking of the log-mel, in the loader
+
+
+@dataclass
+class DataConfig:
+    image_size: int = 224
+    clip_seconds: float = 1.0  # audio per frame fed to the model
+    batch_size: int = 2
+    eval_batch_size: int = 2
+    num_workers: int = 4
+    shuffle_buffer: int = 1000
+    samples_per_shard: int = 256
+    vpo_audio: str = "mono"  # mono | stereo (stereo is mixed down after CAVP-style panning)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class LossConfig:
+    ce_weight: float = 5.0
+    dice_weight: float = 5.0
+    iou_weight: float = 2.0
+    focal_weight: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    epochs_equivalent: int | None = None
+    base_lr: float = 1e-3
+    min_lr: float = 4e-5
+    warmup_lr: float = 4e-6
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float | None = 1.0
+    grad_accum: int = 1
+    precision: str = "bf16"  # bf16 | fp16 | fp32 (autocast only on GPU)
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 500
+    checkpoint_every: int = 500
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "ddeseg"
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"
+    pictures: int = 16
+    worst_frames: int = 16
+
+
+@dataclass
+class Config:
+    task: str = "v2"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+class ConfigError(DDESegError, ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(annotation, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(value, non_none[0], where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item_type = args[0] if args else Any
+        return tuple(_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value))
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)  # YAML reads `4e-6` as a string
+        except ValueError as error:
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from error
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
+    """Build dataclass `cls` from a plain dict, refusing unknown keys."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _coerce(value, hints[name], f"{where}.{name}") for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain-YAML-able dict of a config dataclass (tuples become lists)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(dataclasses.asdict(config))
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: circular `base:` chain {[str(p) for p in seen]}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with path.open() as handle:
+        data = yaml.safe_load(handle) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    base_name = data.pop("base", None)
+    if base_name is None:
+        return data
+    base = _read_yaml_with_bases(path.parent / base_name, seen + (path,))
+    return _deep_merge(base, data)
+
+
+def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
+    """`["train.steps=10", "data.batch_size=4"]` -> nested dict with YAML-parsed values."""
+    nested: dict[str, Any] = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        dotted, raw = item.split("=", 1)
+        node = nested
+        parts = dotted.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    return nested
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> Config:
+    return from_dict(Config, _deep_merge(data, parse_overrides(overrides)))
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (with `base:` inheritance) and dotted overrides into a `Config`."""
+    data = {} if path is None else _read_yaml_with_bases(Path(path))
+    try:
+        return config_from_dict(data, overrides)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

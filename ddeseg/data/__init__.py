@@ -1,0 +1,1 @@
+"""Shard schema, streaming loaders and augmentation."""

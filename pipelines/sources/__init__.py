@@ -1,0 +1,1 @@
+"""Raw dataset layouts: readers (avsbench, ddeseg, vpo) and the synthetic generator."""
