@@ -18,15 +18,26 @@ app = typer.Typer(
 )
 
 # Commands register themselves in their modules; import order is the order in `--help`.
+from ddeseg.cli import synth  # noqa: E402,F401
+from ddeseg.cli import prepare  # noqa: E402,F401
+from ddeseg.cli import inspect  # noqa: E402,F401
+from ddeseg.cli import memory_bank  # noqa: E402,F401
+from ddeseg.cli import evaluate  # noqa: E402,F401
 
 
 def main() -> None:
     try:
         app()
     except DDESegError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {_one_line(error)}", file=sys.stderr)
         sys.exit(2)
 
 
-if __name__ == "__main__":
-    main()
+def _one_line(error: Exception) -> str:
+    """The reason on one line. An error raised in a DataLoader worker arrives re-wrapped as
+    "Caught X in DataLoader worker process N. Original Traceback ..." with the reason last."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught "):
+        last = lines[-1]
+        return last.split(": ", 1)[1] if last.startswith(type(error).__name__ + ":") else last
+    return " ".join(line.strip() for line in lines)
