@@ -1,0 +1,51 @@
+"""`ddeseg train`: parse arguments, build the config, call the training recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from ddeseg.cli.app import app
+
+
+@app.command("train", no_args_is_help=True)
+def train_command(
+    config: Path = typer.Option(..., "--config", exists=True, dir_okay=False, help="Config YAML, e.g. configs/v2.yaml or configs/tiny.yaml."),
+    shards: Path = typer.Option(..., "--shards", exists=True, file_okay=False, help="Shard directory written by `ddeseg prepare`."),
+    memory_bank: Path = typer.Option(..., "--memory-bank", exists=True, dir_okay=False, help="bank.npy from `ddeseg build-memory-bank`."),
+    out: Path = typer.Option(..., "--out", help="Run directory: config.yaml, metrics.jsonl, last.pt, best.pt."),
+    task: str | None = typer.Option(None, "--task", help="Task to train on (v1s, v1m, v2, VPO-SS, VPO-MS, VPO-MSMI); default: the config's."),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="Optimizer steps (overrides train.steps)."),
+    resume: str | None = typer.Option(None, "--resume", help="Continue a run: a checkpoint path, or 'latest' for OUT/last.pt."),
+    init: list[Path] = typer.Option([], "--init", exists=True, dir_okay=False, help="Weights to start from (repeatable): an audio checkpoint from `ddeseg pretrain-audio`, HTS-AT, MiT/SegFormer ImageNet or an official DDESeg checkpoint."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda or cuda:N; default: the local GPU when present."),
+    override: list[str] = typer.Option([], "--set", help="Config override, e.g. --set train.base_lr=5e-4 (repeatable)."),
+) -> None:
+    """Train DDESeg on prepared shards, in one process or under torchrun.
+
+    Example (one process):
+
+        ddeseg train --config configs/v2.yaml --shards shards/ --memory-bank bank/bank.npy --out runs/v2
+
+    Example (2 nodes x 8 GPUs; run on every node):
+
+        torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+            -m ddeseg train --config configs/v2.yaml --shards shards/ --memory-bank bank/bank.npy --out runs/v2
+    """
+    from ddeseg.config import load_config
+    from ddeseg.distributed import init_distributed, shutdown_distributed
+    from ddeseg.engine.train import TrainRequest, train
+
+    overrides = list(override)
+    if task:
+        overrides.append(f"task={task}")
+    if steps:
+        overrides.append(f"train.steps={steps}")
+    cfg = load_config(config, overrides)
+    context = init_distributed(device)
+    try:
+        train(cfg, TrainRequest(shards_dir=shards, memory_bank=memory_bank, out_dir=out, resume=resume, init_checkpoints=tuple(init)), context)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    finally:
+        shutdown_distributed()
