@@ -8,13 +8,28 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ddeseg.errors import DataError
+
+
+def bank_class_ids(classes_doc: Mapping[str, Any], task: str) -> list[int]:
+    """Unified class ids of the bank rows of `task` (background first), from `classes.json`."""
+    protocols = classes_doc.get("tasks") or {}
+    if task not in protocols:
+        raise DataError(f"task {task!r} is not in classes.json (tasks: {sorted(protocols) or 'none'})")
+    ids = protocols[task].get("ids")
+    if ids is not None:
+        return [int(i) for i in ids]
+    # Binary protocols (v1s, v1m) have no ids: their bank is the AVSS one, like the official
+    # `1s_k5_feabank.npy` of shape [71, 5, 768].
+    return list(range(int(classes_doc.get("avss_classes", len(classes_doc["names"])))))
 
 
 class ShardIndex:
@@ -37,6 +52,10 @@ class ShardIndex:
             raise DataError(f"{path} is missing; re-run `ddeseg prepare`")
         data = json.loads(path.read_text())
         return data if isinstance(data, dict) else {"names": data}
+
+    def bank_class_ids(self, task: str) -> list[int]:
+        """Unified class ids of the memory bank rows of `task` (see `bank_class_ids`)."""
+        return bank_class_ids(self._classes, task)
 
     def class_names(self) -> list[str]:
         return list(self._classes["names"])

@@ -140,7 +140,14 @@ def train(config: Config, request: TrainRequest, context: DistributedContext) ->
     # ---- model
     model = build_model(config.model)
     bank = np.load(request.memory_bank, allow_pickle=False)
-    model.set_memory_bank(bank)
+    expected_rows = len(index.bank_class_ids(config.task))
+    if bank.ndim != 3 or bank.shape[0] != expected_rows:
+        raise DDESegError(
+            f"memory bank {request.memory_bank} has shape {bank.shape}; task {config.task} of {request.shards_dir}"
+            f" needs [{expected_rows} classes, k, {config.model.audio_embed_dim}]: build it with"
+            f" `ddeseg build-memory-bank --task {config.task}` on these shards"
+        )
+    model.set_memory_bank(bank)  # checks the embedding dim against the model
     for path in request.init_checkpoints:
         report = load_checkpoint(model, path)
         if context.is_main:
