@@ -18,11 +18,15 @@ app = typer.Typer(
 )
 
 # Commands register themselves in their modules; import order is the order in `--help`.
-from ddeseg.cli import synth  # noqa: E402,F401
-from ddeseg.cli import prepare  # noqa: E402,F401
-from ddeseg.cli import inspect  # noqa: E402,F401
-from ddeseg.cli import memory_bank  # noqa: E402,F401
-from ddeseg.cli import evaluate  # noqa: E402,F401
+from ddeseg.cli import (
+    evaluate,  # noqa: E402,F401
+    inspect,  # noqa: E402,F401
+    memory_bank,  # noqa: E402,F401
+    prepare,  # noqa: E402,F401
+    pretrain_audio,  # noqa: E402,F401
+    synth,  # noqa: E402,F401
+    train,  # noqa: E402,F401
+)
 
 
 def main() -> None:

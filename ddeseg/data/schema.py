@@ -38,6 +38,17 @@ AUDIO = "audio.npy"
 LOGMEL = "logmel.npy"
 META = "meta.json"
 
+# Files of a prepared directory (`ddeseg prepare --out SHARDS_DIR`), see ../shared/CLI.md.
+MANIFEST_FILE = "manifest.parquet"
+CLASSES_FILE = "classes.json"
+PREPARE_FILE = "prepare.json"
+REJECTS_FILE = "rejects.jsonl"
+SHARD_NAME = "shard-{index:06d}.tar"  # under SHARDS_DIR/{task}/{split}/
+
+# Mask pixel value that is neither background nor a class (VPO's COCO "ignore" label): losses
+# and metrics skip it, boxes never include it.
+IGNORE_INDEX = 255
+
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
@@ -52,7 +63,9 @@ def sample_key(task: str, video: str, frame: int) -> str:
 
 @dataclass
 class SampleMeta:
-    """`meta.json` of a sample. Boxes are normalised `[x0, y0, x1, y1]` in [0, 1]."""
+    """`meta.json` of a sample. Boxes are normalised `[x0, y0, x1, y1]` in [0, 1]: first and last
+    (inclusive) sounding column / row divided by width / height, the official DDESeg bbox-json
+    convention (`ddeseg.pipelines.bboxes`)."""
 
     key: str
     task: str  # v1s | v1m | v2 | VPO-SS | VPO-MS | VPO-MSMI
@@ -119,6 +132,25 @@ def decode_mask(data: bytes) -> np.ndarray:
 
 def decode_array(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def task_label_lut(classes: dict[str, Any], task: str) -> np.ndarray:
+    """uint8 `[256]` lookup from unified mask ids (`classes.json`) to the training ids of `task`.
+
+    Binary tasks (v1s, v1m): background 0, every class 1. Multi-class tasks: position in
+    `classes["tasks"][task]["ids"]`. `IGNORE_INDEX` stays `IGNORE_INDEX`; a unified id that the
+    task does not have also maps to `IGNORE_INDEX`. Use as `lut[mask]`.
+    """
+    protocol = classes["tasks"][task]
+    lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+    if protocol["binary"]:
+        lut[: len(classes["names"])] = 1
+        lut[0] = 0
+    else:
+        for local_id, unified_id in enumerate(protocol["ids"]):
+            lut[unified_id] = local_id
+    lut[IGNORE_INDEX] = IGNORE_INDEX
+    return lut
 
 
 def image_member(sample: dict[str, Any]) -> str:

@@ -1,0 +1,118 @@
+"""`ddeseg prepare`: parse arguments, build the config, call `ddeseg.pipelines.prepare.prepare`."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+import typer
+from ddeseg.cli.app import app
+
+
+class Layout(str, Enum):
+    avsbench = "avsbench"
+    ddeseg = "ddeseg"
+    vpo = "vpo"
+
+
+class OnError(str, Enum):
+    skip = "skip"
+    fail = "fail"
+
+
+class AVSBenchPart(str, Enum):
+    auto = "auto"
+    semantic = "semantic"
+    object = "object"
+
+
+@app.command("prepare", no_args_is_help=True)
+def prepare_command(
+    layout: Layout = typer.Option(..., "--layout", help="Raw layout (../shared/DATASETS.md)."),
+    root: Path = typer.Option(..., "--root", help="Raw dataset folder (RAW_DIR)."),
+    out: Path = typer.Option(
+        ...,
+        "--out",
+        help="Output folder (SHARDS_DIR): shards, manifest.parquet, classes.json, prepare.json, rejects.jsonl.",
+    ),
+    tasks: str | None = typer.Option(
+        None,
+        "--tasks",
+        help="Comma-separated tasks: v1s,v1m,v2 and/or VPO-SS,VPO-MS,VPO-MSMI; default: every task found under --root.",
+    ),
+    config: Path | None = typer.Option(
+        None,
+        "--config",
+        exists=True,
+        dir_okay=False,
+        help="Config YAML (model.frontend, data.clip_seconds, data.samples_per_shard, data.vpo_audio); default: the built-in defaults, Config().",
+    ),
+    workers: int = typer.Option(
+        1,
+        "--workers",
+        min=1,
+        help="Processes that read and check frames; the output is the same for any number.",
+    ),
+    on_error: OnError = typer.Option(
+        OnError.skip,
+        "--on-error",
+        help="skip: list bad frames in rejects.jsonl and go on; fail: stop at the first one.",
+    ),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Start from scratch instead of keeping the finished shards of an earlier run.",
+    ),
+    export_bbox_json: bool = typer.Option(
+        False,
+        "--export-bbox-json",
+        help="Also write SHARDS_DIR/bbox/{avss,vpo}_bbox_orisize.json in the official DDESeg form.",
+    ),
+    avsbench_part: AVSBenchPart = typer.Option(
+        AVSBenchPart.auto,
+        "--avsbench-part",
+        help="avsbench layout: auto (AVSBench-semantic where it lists a subset, else AVSBench-object), semantic or object.",
+    ),
+    device: str | None = typer.Option(
+        None, "--device", help="Log-mel device (cpu, cuda, cuda:N); default: the GPU when present."
+    ),
+    override: list[str] = typer.Option(
+        [], "--set", help="Config override, e.g. --set data.samples_per_shard=512 (repeatable)."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Raw AVSBench / DDESeg / VPO dataset -> unified WebDataset shards (log-mel, boxes).
+
+    Re-running resumes: finished shards are kept (--overwrite starts over). Bad frames are listed in SHARDS_DIR/rejects.jsonl. Without --config the built-in defaults are used (22.05 kHz, 1 s clips, 256 samples per shard).
+
+    Examples, one per layout:
+
+        ddeseg prepare --layout avsbench --root data/AVSBench --out shards/avs --tasks v1s,v1m,v2
+
+        ddeseg prepare --layout ddeseg --root data/DDESeg --out shards/ddeseg --workers 8
+
+        ddeseg prepare --layout vpo --root data/audio_visual --out shards/vpo --tasks VPO-SS,VPO-MS --on-error fail
+    """
+    from ddeseg.pipelines.prepare import PrepareOptions, prepare, summary_table
+    from rich.console import Console
+
+    from ddeseg.config import load_config
+
+    options = PrepareOptions(
+        layout=layout.value,
+        root=root,
+        out=out,
+        tasks=[task.strip() for task in tasks.split(",") if task.strip()] if tasks else None,
+        workers=workers,
+        on_error=on_error.value,
+        overwrite=overwrite,
+        export_bbox_json=export_bbox_json,
+        device=device,
+        source_options={"part": avsbench_part.value} if layout is Layout.avsbench else {},
+        progress=not quiet,
+    )
+    try:
+        result = prepare(options, load_config(config, list(override)))
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    Console().print(summary_table(result))

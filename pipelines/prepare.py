@@ -1,0 +1,508 @@
+"""The `prepare` stage: a raw dataset layout on disk -> unified WebDataset shards on disk.
+
+    SHARDS_DIR/{task}/{split}/shard-%06d.tar   samples (`ddeseg.data.schema`)
+    SHARDS_DIR/manifest.parquet                 one row per sample
+    SHARDS_DIR/classes.json                     unified class list + task protocols
+    SHARDS_DIR/prepare.json                     resolved config, counts, rejects, versions, time
+    SHARDS_DIR/rejects.jsonl                    one line per rejected frame or row (empty if none)
+    SHARDS_DIR/bbox/*_bbox_orisize.json         with `export_bbox_json` (the official form)
+
+Steps: scan the metadata into frame references (main process) -> drop duplicate keys -> plan
+shards (sorted, fixed-size chunks per task/split) -> for each unfinished shard: load and check
+every frame (worker processes), compute the log-mel of the whole shard in batches with the
+model's front end (main process, GPU when present), write the tar -> assemble the manifest.
+
+Idempotent: a re-run keeps every shard whose tar and inputs are unchanged (verified by its
+sha256 and input fingerprint) and writes the rest; `overwrite` starts from scratch. The output
+bytes do not depend on `workers`. An output folder holds one run: shards that the current plan
+does not have (other tasks, an older shard size) are deleted.
+
+Rejects (`rejects.jsonl`, one json object per line: `key` (null for a metadata row), `path`
+relative to the raw root (`file.csv:LINE` for a row), `reason`): a missing, unreadable or
+corrupt image / mask / audio file, a mask whose size differs from its frame, an unknown class
+colour or id, empty or NaN audio, digital silence under a sounding mask, a path that leaves the
+root, an unusable or duplicate metadata row, a duplicate sample key.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import multiprocessing
+import platform
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ddeseg.pipelines.bboxes import export_bbox_json, sounding_boxes
+from ddeseg.pipelines.records import ALL_TASKS, SPLITS, FrameRef, RecordError, Reject
+from ddeseg.pipelines.shards import (
+    STATE_DIR,
+    ShardJob,
+    fingerprint,
+    is_finished,
+    plan_shards,
+    remove_stale,
+    save_state,
+    write_atomic,
+    write_tar,
+)
+from ddeseg.pipelines.sources.common import Source, open_source
+
+from ddeseg.config import Config, to_dict
+from ddeseg.data import schema
+from ddeseg.data.schema import SampleMeta, encode_array, encode_mask
+from ddeseg.errors import DataError
+
+ON_ERROR = ("skip", "fail")
+FORMAT_VERSION = 1  # bump when the bytes of a sample change for the same inputs
+VERSIONED_PACKAGES = ("ddeseg", "numpy", "torch", "soundfile", "soxr", "pillow", "webdataset", "pyarrow")
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("task", pa.string()),
+        ("subset", pa.string()),
+        ("split", pa.string()),
+        ("video", pa.string()),
+        ("frame", pa.int32()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("annotated", pa.bool_()),
+        ("silent", pa.bool_()),
+        ("classes", pa.list_(pa.int32())),
+        ("union_box", pa.list_(pa.float64())),
+        ("class_boxes", pa.map_(pa.int32(), pa.list_(pa.float64()))),
+        ("shard", pa.string()),
+        ("image_ext", pa.string()),
+        ("source_image", pa.string()),
+        ("source_mask", pa.string()),
+        ("source_audio", pa.string()),
+    ]
+)
+
+
+@dataclass
+class PrepareOptions:
+    layout: str
+    root: Path
+    out: Path
+    tasks: list[str] | None = None  # None: every task the root has
+    workers: int = 1
+    on_error: str = "skip"
+    overwrite: bool = False
+    export_bbox_json: bool = False
+    device: str | None = None  # log-mel device; None: cuda when available
+    source_options: dict[str, Any] = field(default_factory=dict)
+    progress: bool = True
+
+
+@dataclass
+class PrepareResult:
+    out: Path
+    counts: dict[str, dict[str, int]]  # task -> split -> samples
+    unannotated: int
+    rejects: list[Reject]
+    shards_written: int
+    shards_kept: int
+    elapsed_s: float
+
+
+# --------------------------------------------------------------------------------------------
+# Per-shard work (worker processes)
+# --------------------------------------------------------------------------------------------
+
+_WORKER_SOURCE: Source | None = None
+
+
+def _init_worker(source: Source) -> None:
+    global _WORKER_SOURCE
+    _WORKER_SOURCE = source
+
+
+@dataclass
+class LoadedSample:
+    meta: SampleMeta
+    image: bytes
+    mask_png: bytes | None
+    audio: np.ndarray
+
+
+def load_sample(source: Source, ref: FrameRef) -> LoadedSample:
+    """Read one frame and derive its meta (classes, boxes, flags); RecordError when unusable."""
+    record = source.load(ref)
+    classes, union_box, class_boxes = sounding_boxes(record.mask)
+    if ref.silent_hint is not None:
+        silent = ref.silent_hint
+    elif record.annotated:
+        silent = not classes
+    else:
+        silent = not np.any(record.audio)
+    meta = SampleMeta(
+        key=ref.key,
+        task=ref.task,
+        subset=ref.subset,
+        split=ref.split,
+        video=ref.video,
+        frame=ref.frame,
+        height=record.height,
+        width=record.width,
+        annotated=record.annotated,
+        silent=bool(silent),
+        classes=classes,
+        union_box=union_box,
+        class_boxes=class_boxes,
+        image_ext=record.image_ext,
+        source=record.source,
+    )
+    mask_png = encode_mask(record.mask) if record.mask is not None else None
+    return LoadedSample(meta, record.image_bytes, mask_png, record.audio)
+
+
+def load_shard(
+    job: ShardJob, source: Source | None = None, on_sample: Callable[[], None] | None = None
+) -> tuple[ShardJob, list[LoadedSample], list[Reject]]:
+    source = source or _WORKER_SOURCE
+    assert source is not None, "worker not initialised"
+    samples, rejects = [], []
+    for ref in job.refs:
+        try:
+            samples.append(load_sample(source, ref))
+        except RecordError as error:
+            rejects.append(Reject(error.path, error.reason, ref.key))
+        if on_sample is not None:
+            on_sample()
+    return job, samples, rejects
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+def manifest_row(meta: SampleMeta, shard: str) -> dict[str, Any]:
+    return {
+        "key": meta.key,
+        "task": meta.task,
+        "subset": meta.subset,
+        "split": meta.split,
+        "video": meta.video,
+        "frame": meta.frame,
+        "height": meta.height,
+        "width": meta.width,
+        "annotated": meta.annotated,
+        "silent": meta.silent,
+        "classes": meta.classes,
+        "union_box": meta.union_box,
+        "class_boxes": dict(meta.class_boxes),  # str keys (json state); ints in the parquet
+        "shard": shard,
+        "image_ext": meta.image_ext,
+        "source_image": meta.source.get("image"),
+        "source_mask": meta.source.get("mask"),
+        "source_audio": meta.source.get("audio"),
+    }
+
+
+def _fail_or_record(reject: Reject, on_error: str, root: Path) -> Reject:
+    if on_error == "fail":
+        sample = f"sample {reject.key}, " if reject.key else ""
+        raise DataError(
+            f"{reject.path}: {reject.reason} ({sample}paths relative to {root}; --on-error skip lists all)"
+        )
+    return reject
+
+
+def _clear_outputs(out: Path) -> None:
+    """`overwrite`: remove what a previous prepare wrote (only our own files and folders)."""
+    for name in (schema.MANIFEST_FILE, schema.CLASSES_FILE, schema.PREPARE_FILE, schema.REJECTS_FILE):
+        (out / name).unlink(missing_ok=True)
+    for folder in [out / STATE_DIR, out / "bbox"] + [out / task for task in ALL_TASKS]:
+        if folder.is_dir():
+            shutil.rmtree(folder)
+
+
+class _Stage:
+    """Progress bars (rich, on stderr) for the stages of one run; silent when disabled."""
+
+    def __init__(self, enabled: bool):
+        from ddeseg.progress import stage_progress
+
+        self.progress = stage_progress("samples", enabled=enabled)
+
+    def __enter__(self) -> _Stage:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def bar(self, description: str, total: int | None) -> Callable[[int], None]:
+        task_id = self.progress.add_task(description, total=total)
+        return lambda advance=1: self.progress.advance(task_id, advance)
+
+    def close(self, description: str) -> None:
+        """Stop the clock of an open-ended bar (its total becomes what it counted)."""
+        for task in self.progress.tasks:
+            if task.description == description:
+                self.progress.update(task.id, total=task.completed)
+
+    def finish(self, description: str, total: int) -> None:
+        self.progress.add_task(description, total=total, completed=total)
+
+
+def _scan(
+    source: Source, on_error: str, advance: Callable[[int], None]
+) -> tuple[list[FrameRef], list[Reject]]:
+    refs: list[FrameRef] = []
+    rejects: list[Reject] = []
+    first_of: dict[str, FrameRef] = {}
+    for item in source.scan():
+        if isinstance(item, Reject):
+            rejects.append(_fail_or_record(item, on_error, source.root))
+            continue
+        advance(1)
+        earlier = first_of.get(item.key)
+        if earlier is not None:
+            reason = f"duplicate sample key {item.key} (already given by {earlier.image})"
+            rejects.append(_fail_or_record(Reject(item.image, reason, item.key), on_error, source.root))
+            continue
+        first_of[item.key] = item
+        refs.append(item)
+    return refs, rejects
+
+
+def _run_jobs(
+    jobs: list[ShardJob], source: Source, workers: int, advance: Callable[[int], None]
+) -> Iterator[tuple[ShardJob, list[LoadedSample], list[Reject]]]:
+    """Load the shards, in order when `workers == 1`, else as worker processes finish them."""
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            yield load_shard(job, source, on_sample=lambda: advance(1))
+        return
+    context = multiprocessing.get_context("spawn")  # never fork a process that holds torch/CUDA
+    with concurrent.futures.ProcessPoolExecutor(
+        max_workers=workers, mp_context=context, initializer=_init_worker, initargs=(source,)
+    ) as pool:
+        pending: set[concurrent.futures.Future] = set()
+        queue = iter(jobs)
+        try:
+            while True:
+                while len(pending) < 2 * workers:  # bounded: memory stays flat
+                    job = next(queue, None)
+                    if job is None:
+                        break
+                    pending.add(pool.submit(load_shard, job))
+                if not pending:
+                    return
+                done, pending = concurrent.futures.wait(
+                    pending, return_when=concurrent.futures.FIRST_COMPLETED
+                )
+                for future in sorted(done, key=lambda f: f.result()[0].name):
+                    job, samples, rejects = future.result()
+                    advance(len(job.refs))
+                    yield job, samples, rejects
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def _write_shard(
+    out: Path,
+    job: ShardJob,
+    samples: list[LoadedSample],
+    rejects: list[Reject],
+    logmel: Callable[[np.ndarray], np.ndarray],
+    job_fingerprint: str,
+) -> dict[str, Any]:
+    state: dict[str, Any] = {"fingerprint": job_fingerprint, "tar": None, "sha256": None, "size": 0}
+    if samples:
+        features = logmel(np.stack([sample.audio for sample in samples]))
+        members = []
+        for sample, feature in zip(samples, features, strict=True):
+            member = {
+                "__key__": sample.meta.key,
+                f"image.{sample.meta.image_ext}": sample.image,
+                schema.AUDIO: encode_array(sample.audio.astype(np.float32)),
+                schema.LOGMEL: encode_array(feature.astype(np.float16)),
+                schema.META: sample.meta.to_json(),
+            }
+            if sample.mask_png is not None:
+                member[schema.MASK] = sample.mask_png
+            members.append(member)
+        sha256, size = write_tar(out / job.name, members)
+        state.update(tar=job.name, sha256=sha256, size=size)
+    else:
+        (out / job.name).unlink(missing_ok=True)  # every frame rejected: no tar (an older one goes)
+    state["rows"] = [manifest_row(sample.meta, job.name) for sample in samples]
+    state["rejects"] = [json.loads(reject.to_json()) for reject in rejects]
+    save_state(out, job, state)
+    return state
+
+
+def _write_manifest(out: Path, rows: list[dict[str, Any]]) -> None:
+    rows = [dict(row, class_boxes={int(k): v for k, v in row["class_boxes"].items()}) for row in rows]
+    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    temporary = out / f".{schema.MANIFEST_FILE}.tmp"
+    pq.write_table(table, temporary)
+    temporary.replace(out / schema.MANIFEST_FILE)
+
+
+def _shard_settings(config: Config, options: PrepareOptions, source: Source) -> dict[str, Any]:
+    return {
+        "format": FORMAT_VERSION,
+        "layout": options.layout,
+        "frontend": to_dict(config.model.frontend),
+        "clip_seconds": config.data.clip_seconds,
+        "vpo_audio": config.data.vpo_audio,
+        "classes": source.classes.names,
+    }
+
+
+def prepare(options: PrepareOptions, config: Config | None = None) -> PrepareResult:
+    """Run the stage (see the module docstring). Raises `DataError` for unusable input, and for
+    the first rejected frame when `options.on_error == "fail"`."""
+    started = time.perf_counter()
+    config = config or Config()
+    if options.on_error not in ON_ERROR:
+        raise DataError(f"--on-error must be one of {ON_ERROR}, got {options.on_error!r}")
+    if options.workers < 1:
+        raise DataError(f"--workers must be >= 1, got {options.workers}")
+    out = Path(options.out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"output {out} exists and is not a directory")
+    source = open_source(options.layout, options.root, options.tasks, config, options.source_options)
+    if out.resolve() == source.root or source.root.is_relative_to(out.resolve()):
+        raise DataError(f"output {out} must not contain the dataset root {source.root}")
+    out.mkdir(parents=True, exist_ok=True)
+    if options.overwrite:
+        _clear_outputs(out)
+    logmel: Callable[[np.ndarray], np.ndarray] | None = None
+
+    with _Stage(options.progress) as stage:
+        refs, rejects = _scan(source, options.on_error, stage.bar("scan", None))
+        stage.close("scan")
+        jobs = plan_shards(refs, config.data.samples_per_shard)
+        remove_stale(out, jobs, ALL_TASKS, SPLITS)
+        settings = _shard_settings(config, options, source)
+        fingerprints = {job.name: fingerprint(job, source.root, settings) for job in jobs}
+        states: dict[str, dict[str, Any]] = {}
+        todo = []
+        for job in jobs:
+            state = is_finished(out, job, fingerprints[job.name])
+            if state is None:
+                todo.append(job)
+            else:
+                states[job.name] = state
+        kept = len(states)
+        advance = stage.bar(f"shards ({kept} kept)" if kept else "shards", len(refs))
+        advance(sum(len(job.refs) for job in jobs if job.name in states))
+        for job, samples, shard_rejects in _run_jobs(todo, source, options.workers, advance):
+            for reject in shard_rejects:
+                _fail_or_record(reject, options.on_error, source.root)
+            if logmel is None and samples:
+                from ddeseg.pipelines.logmel import LogMelBatcher
+
+                logmel = LogMelBatcher(config.model.frontend, options.device)
+            states[job.name] = _write_shard(out, job, samples, shard_rejects, logmel, fingerprints[job.name])  # type: ignore[arg-type]
+
+        rows: list[dict[str, Any]] = []
+        for job in jobs:
+            state = states[job.name]
+            rows.extend(state["rows"])
+            for recorded in state["rejects"]:  # kept shards' rejects count (and fail) as new ones
+                reject = Reject(recorded["path"], recorded["reason"], recorded.get("key"))
+                rejects.append(_fail_or_record(reject, options.on_error, source.root))
+        _write_manifest(out, rows)
+        stage.finish("manifest", len(rows))
+
+    tasks = list(source.tasks)
+    write_atomic(out / schema.CLASSES_FILE, json.dumps(source.classes.to_json(tasks), indent=1).encode())
+    write_atomic(out / schema.REJECTS_FILE, "".join(reject.to_json() + "\n" for reject in rejects).encode())
+    if options.export_bbox_json:
+        export_bbox_json(rows, out / "bbox")
+    counts: dict[str, dict[str, int]] = {}
+    for row in rows:
+        counts.setdefault(row["task"], {}).setdefault(row["split"], 0)
+        counts[row["task"]][row["split"]] += 1
+    elapsed = time.perf_counter() - started
+    result = PrepareResult(
+        out=out,
+        counts=counts,
+        unannotated=sum(not row["annotated"] for row in rows),
+        rejects=rejects,
+        shards_written=len(jobs) - kept,
+        shards_kept=kept,
+        elapsed_s=elapsed,
+    )
+    report = {
+        "layout": options.layout,
+        "root": str(source.root),
+        "tasks": tasks,
+        "source": source.describe(),
+        "config": to_dict(config),
+        "counts": counts,
+        "samples": len(rows),
+        "unannotated": result.unannotated,
+        "rejects": len(rejects),
+        "rejects_by_reason": dict(Counter(_reason_kind(reject.reason) for reject in rejects).most_common()),
+        "shards": {
+            "total": sum(1 for job in jobs if states[job.name]["tar"]),
+            "written": result.shards_written,
+            "kept": kept,
+        },
+        "workers": options.workers,
+        "on_error": options.on_error,
+        "logmel_device": str(logmel.device) if logmel is not None else None,
+        "versions": package_versions(),
+        "elapsed_s": round(elapsed, 3),
+        "samples_per_s": round(len(rows) / elapsed, 2) if elapsed > 0 else None,
+    }
+    write_atomic(out / schema.PREPARE_FILE, json.dumps(report, indent=1, sort_keys=True).encode())
+    return result
+
+
+def _reason_kind(reason: str) -> str:
+    """A reject reason without its specifics (numbers, names), for the summary counts."""
+    return reason.split(" (")[0].split(":")[0]
+
+
+def summary_table(result: PrepareResult):
+    """A rich renderable: samples per task and split, then one line on rejects and shards."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=f"prepared {result.out}")
+    table.add_column("task")
+    for split in SPLITS:
+        table.add_column(split, justify="right")
+    table.add_column("total", justify="right")
+    for task in sorted(result.counts, key=ALL_TASKS.index):
+        per_split = result.counts[task]
+        table.add_row(task, *[str(per_split.get(split, 0)) for split in SPLITS], str(sum(per_split.values())))
+    total = sum(sum(per_split.values()) for per_split in result.counts.values())
+    table.add_row("all", *["" for _ in SPLITS], str(total), style="bold")
+    line = Text(
+        f"{len(result.rejects)} rejected (see {result.out / schema.REJECTS_FILE}), "
+        f"{result.unannotated} unannotated frames kept; shards: {result.shards_written} written, "
+        f"{result.shards_kept} kept; {result.elapsed_s:.1f} s"
+    )
+    return Group(table, line)

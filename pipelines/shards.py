@@ -1,0 +1,349 @@
+"""WebDataset shards: planning, deterministic writing, resume state and reading back.
+
+Layout of a prepared directory (see ../shared/CLI.md and `ddeseg.data.schema`):
+
+    SHARDS_DIR/{task}/{split}/shard-000000.tar   samples (members in `ddeseg.data.schema`)
+    SHARDS_DIR/.prepare/{task}/{split}/shard-000000.json
+        resume state of that shard: the fingerprint of its inputs, the tar's size and sha256,
+        its manifest rows and its rejects. A shard counts as finished only when this file
+        matches the tar on disk and the fingerprint of the planned inputs.
+
+Planning is what makes the output independent of the number of workers: the frames of each
+task and split are sorted by (video, frame) and cut into consecutive chunks of
+`samples_per_shard`; each chunk is one shard, written by one job. A chunk whose frames are
+rejected simply holds fewer samples (a chunk with none writes no tar).
+
+Tars are written with fixed headers (mtime 0, owner `ddeseg`, mode 0444) so the same samples give
+the same bytes, to a hidden temporary name that is renamed when complete: an interrupted run
+leaves no half shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ddeseg.pipelines.records import FrameRef
+
+from ddeseg.data.schema import SHARD_NAME
+
+STATE_DIR = ".prepare"
+TAR_OWNER = "ddeseg"
+TAR_MTIME = 0
+
+
+@dataclass
+class ShardJob:
+    task: str
+    split: str
+    index: int
+    refs: list[FrameRef]
+
+    @property
+    def name(self) -> str:
+        """Path of the tar relative to the output directory."""
+        return f"{self.task}/{self.split}/{SHARD_NAME.format(index=self.index)}"
+
+    @property
+    def state_name(self) -> str:
+        return f"{STATE_DIR}/{self.name[: -len('.tar')]}.json"
+
+
+def plan_shards(refs: list[FrameRef], samples_per_shard: int) -> list[ShardJob]:
+    """Group by (task, split), sort by (video, frame), cut into shards of `samples_per_shard`."""
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    groups: dict[tuple[str, str], list[FrameRef]] = {}
+    for ref in refs:
+        groups.setdefault((ref.task, ref.split), []).append(ref)
+    jobs = []
+    for (task, split), members in sorted(groups.items()):
+        members.sort(key=lambda ref: ref.sort_key)
+        for index, start in enumerate(range(0, len(members), samples_per_shard)):
+            jobs.append(ShardJob(task, split, index, members[start : start + samples_per_shard]))
+    return jobs
+
+
+def _file_stat(root: Path, relative_path: str) -> list[int] | None:
+    try:
+        stat = (root / relative_path).stat()
+    except (OSError, ValueError):
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def fingerprint(job: ShardJob, root: Path, settings: dict[str, Any]) -> str:
+    """sha256 of everything a shard's bytes depend on: the settings, each frame's reference and
+    the size and mtime of every file it reads (so an edited raw file rebuilds its shard)."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    for ref in job.refs:
+        stats = {path: _file_stat(root, path) for path in ref.paths()}
+        digest.update(json.dumps([asdict(ref), stats], sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to a hidden temporary file beside `path`, then rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with temporary.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def write_tar(path: Path, samples: list[dict[str, Any]]) -> tuple[str, int]:
+    """Write samples (`{"__key__": key, member: bytes, ...}`) to `path` atomically.
+
+    Returns the tar's sha256 and size in bytes."""
+    from webdataset import TarWriter  # imports torch: only the writing (main) process needs it
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with temporary.open("wb") as handle:
+        writer = TarWriter(
+            handle, user=TAR_OWNER, group=TAR_OWNER, mode=0o444, encoder=False, mtime=TAR_MTIME
+        )
+        for sample in samples:
+            writer.write(sample)
+        writer.close()
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    return sha256_file(path), path.stat().st_size
+
+
+def load_state(out: Path, job: ShardJob) -> dict[str, Any] | None:
+    path = out / job.state_name
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def save_state(out: Path, job: ShardJob, state: dict[str, Any]) -> None:
+    write_atomic(out / job.state_name, json.dumps(state, sort_keys=True).encode())
+
+
+def is_finished(out: Path, job: ShardJob, job_fingerprint: str) -> dict[str, Any] | None:
+    """The shard's state when its tar is complete and was made from the same inputs, else None."""
+    state = load_state(out, job)
+    if state is None or state.get("fingerprint") != job_fingerprint:
+        return None
+    tar_path = out / job.name
+    if state.get("tar") is None:
+        return None if tar_path.exists() else state
+    if not tar_path.is_file() or tar_path.stat().st_size != state.get("size"):
+        return None
+    if sha256_file(tar_path) != state.get("sha256"):
+        return None
+    return state
+
+
+def remove_stale(out: Path, jobs: list[ShardJob], task_dirs: tuple[str, ...], splits: tuple[str, ...]) -> int:
+    """Delete shards, states and temporary files of ours that the plan does not contain."""
+    planned = {job.name for job in jobs} | {job.state_name for job in jobs}
+    removed = 0
+    for base in (out, out / STATE_DIR):
+        for task in task_dirs:
+            for split in splits:
+                folder = base / task / split
+                if not folder.is_dir():
+                    continue
+                for path in sorted(folder.iterdir()):
+                    name = path.relative_to(out).as_posix()
+                    ours = path.name.startswith("shard-") and path.suffix in (".tar", ".json")
+                    temporary = path.name.startswith(".shard-") and ".tmp-" in path.name
+                    if temporary or (ours and name not in planned):
+                        path.unlink()
+                        removed += 1
+    return removed
+
+
+def read_samples(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Samples of a tar as `{"__key__": key, member: bytes}` (no decoding, no pickle)."""
+    current: dict[str, Any] | None = None
+    with tarfile.open(path, "r") as archive:
+        for info in archive:
+            if not info.isfile():
+                continue
+            key, _, member = info.name.partition(".")
+            handle = archive.extractfile(info)
+            data = handle.read() if handle is not None else b""
+            if current is None or current["__key__"] != key:
+                if current is not None:
+                    yield current
+                current = {"__key__": key}
+            current[member] = data
+    if current is not None:
+        yield current
+
+
+# --------------------------------------------------------------------------------------------
+# Looking at a prepared directory (`ddeseg inspect`)
+# --------------------------------------------------------------------------------------------
+
+
+def find_sample(shards_dir: Path, key: str) -> tuple[dict[str, Any], str]:
+    """The stored sample `key` (members as bytes) and its shard, located through the manifest."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from ddeseg.data.schema import MANIFEST_FILE
+    from ddeseg.errors import DataError
+
+    manifest = pq.read_table(shards_dir / MANIFEST_FILE, columns=["key", "shard"])
+    rows = manifest.filter(pc.equal(manifest.column("key"), key)).to_pylist()
+    if not rows:
+        raise DataError(f"no sample {key!r} in {shards_dir / MANIFEST_FILE}")
+    shard = rows[0]["shard"]
+    for sample in read_samples(shards_dir / shard):
+        if sample["__key__"] == key:
+            return sample, shard
+    raise DataError(f"{shards_dir / shard}: sample {key!r} listed in the manifest is missing from its shard")
+
+
+def dump_sample(shards_dir: Path, key: str, out_dir: Path) -> list[Path]:
+    """Write one sample for a person to look at: `{key}.image.png`, `{key}.mask.png` (class
+    colours), `{key}.overlay.png` (mask over the frame, union box outlined), `{key}.wav`,
+    `{key}.logmel.png` and `{key}.meta.json`. Returns the paths written."""
+    import io
+
+    import numpy as np
+    import soundfile
+    from ddeseg.pipelines.records import avss_palette
+    from PIL import Image, ImageDraw
+
+    from ddeseg.data.schema import (
+        AUDIO,
+        IGNORE_INDEX,
+        LOGMEL,
+        MASK,
+        META,
+        PREPARE_FILE,
+        SampleMeta,
+        decode_array,
+        decode_image,
+        decode_mask,
+        image_member,
+    )
+
+    sample, _ = find_sample(shards_dir, key)
+    meta = SampleMeta.from_json(sample[META])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def save(name: str, write: Any) -> None:
+        path = out_dir / f"{key}.{name}"
+        write(path)
+        written.append(path)
+
+    image = decode_image(sample[image_member(sample)])
+    save("image.png", lambda p: Image.fromarray(image).save(p))
+    overlay = Image.fromarray(image)
+    if MASK in sample:
+        mask = decode_mask(sample[MASK])
+        palette = avss_palette(256)
+        palette[IGNORE_INDEX] = (255, 255, 255)
+        colours = palette[mask]
+        save("mask.png", lambda p: Image.fromarray(colours).save(p))
+        blend = np.where((mask > 0)[..., None], (0.5 * image + 0.5 * colours).astype(np.uint8), image)
+        overlay = Image.fromarray(blend)
+    if meta.union_box is not None:
+        x0, y0, x1, y1 = meta.union_box
+        ImageDraw.Draw(overlay).rectangle(
+            [x0 * meta.width, y0 * meta.height, x1 * meta.width - 1, y1 * meta.height - 1],
+            outline=(255, 255, 0),
+        )
+    save("overlay.png", lambda p: overlay.save(p))
+    prepare_json = shards_dir / PREPARE_FILE
+    sample_rate = 22050
+    if prepare_json.is_file():
+        sample_rate = json.loads(prepare_json.read_text())["config"]["model"]["frontend"]["sample_rate"]
+    audio = decode_array(sample[AUDIO])
+    save("wav", lambda p: soundfile.write(str(p), audio, sample_rate, subtype="FLOAT"))
+    logmel = decode_array(sample[LOGMEL]).astype(np.float32)  # [frames, mel_bins]
+    scaled = (logmel - logmel.min()) / max(float(np.ptp(logmel)), 1e-6)
+    picture = (255 * scaled.T[::-1]).astype(np.uint8)  # low frequencies at the bottom
+    save(
+        "logmel.png",
+        lambda p: Image.fromarray(picture).resize((picture.shape[1] * 2, picture.shape[0] * 2)).save(p),
+    )
+    save("meta.json", lambda p: p.write_bytes(io.BytesIO(sample[META]).getvalue()))
+    return written
+
+
+def manifest_summary(shards_dir: Path) -> dict[str, Any]:
+    """Counts per task and split (samples, annotated, silent), class frequencies, rejects."""
+    import pyarrow.parquet as pq
+
+    from ddeseg.data.schema import CLASSES_FILE, MANIFEST_FILE, PREPARE_FILE, REJECTS_FILE
+    from ddeseg.errors import DataError
+
+    manifest_path = shards_dir / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise DataError(
+            f"{shards_dir} has no {MANIFEST_FILE}: not a prepared directory (run `ddeseg prepare`)"
+        )
+    rows = pq.read_table(
+        manifest_path, columns=["task", "split", "annotated", "silent", "classes", "shard"]
+    ).to_pylist()
+    classes_path = shards_dir / CLASSES_FILE
+    names = json.loads(classes_path.read_text())["names"] if classes_path.is_file() else []
+    splits: dict[tuple[str, str], dict[str, int]] = {}
+    class_counts: dict[int, int] = {}
+    shards = set()
+    for row in rows:
+        counts = splits.setdefault((row["task"], row["split"]), {"samples": 0, "annotated": 0, "silent": 0})
+        counts["samples"] += 1
+        counts["annotated"] += int(row["annotated"])
+        counts["silent"] += int(row["silent"])
+        shards.add(row["shard"])
+        for class_id in row["classes"]:
+            class_counts[class_id] = class_counts.get(class_id, 0) + 1
+    rejects_path = shards_dir / REJECTS_FILE
+    rejects = (
+        [json.loads(line) for line in rejects_path.read_text().splitlines()] if rejects_path.is_file() else []
+    )
+    prepare_path = shards_dir / PREPARE_FILE
+    report = json.loads(prepare_path.read_text()) if prepare_path.is_file() else {}
+    from ddeseg.pipelines.records import ALL_TASKS, SPLITS
+
+    def order(item: tuple[tuple[str, str], Any]) -> tuple[int, int, str, str]:
+        (task, split), _ = item
+        return (
+            ALL_TASKS.index(task) if task in ALL_TASKS else len(ALL_TASKS),
+            SPLITS.index(split) if split in SPLITS else len(SPLITS),
+            task,
+            split,
+        )
+
+    return {
+        "samples": len(rows),
+        "shards": len(shards),
+        "splits": dict(sorted(splits.items(), key=order)),
+        "classes": {
+            (names[class_id] if class_id < len(names) else str(class_id)): count
+            for class_id, count in sorted(class_counts.items(), key=lambda item: -item[1])
+        },
+        "num_classes": len(names),
+        "rejects": rejects,
+        "layout": report.get("layout"),
+        "root": report.get("root"),
+    }

@@ -1,0 +1,198 @@
+"""Reader of DDESeg's reorganised download (`--layout ddeseg`): an AVSS part and a VPO part,
+each found at depth <= 2 under the root by its metadata file.
+
+AVSS part (tasks v1s, v1m, v2), the folder of `metadata_w_silent.csv`:
+- csv with a header, read by position as the official loader: 1 uid `{video}_{i}`, 4 split,
+  5 subset; one row per second, silent seconds included. A header column named `silent` or
+  `is_silent` (0/1, true/false), when present, gives the silent flag; otherwise a frame is
+  silent when its mask is empty.
+- `{subset}/{video}/frames/{i}.jpg`, `labels_semantic/{i}.png` (class ids 0..70, stored in full
+  for every subset: the binary v1s/v1m protocols binarise in the loader), `audios/{i}.wav`
+  (one wav per second; its start, repeat-padded or cut to the clip length, like the official
+  `_wav_repeat`). A v1s train frame other than 0 without a mask is kept unannotated (AVSS
+  annotates only the first one); any other missing mask is a reject.
+- `avss_bbox_orisize.json` is not read: prepare computes the boxes from the masks.
+
+VPO part (tasks VPO-SS, VPO-MS, VPO-MSMI), the folder of `vpo_data_clean.csv`:
+- csv (pandas-style header): positions 0 uid, 1 frame file, 2 mask file; named columns `split`
+  and `type` (the task).
+- `{uid}/frames/{frame}`, `{uid}/labels_semantic/{mask}` (VPO class ids 0..21, remapped to the
+  unified list), `{uid}/mono_audio.wav` or `stereo_audio.wav` (`data.vpo_audio`; stereo is
+  averaged to mono), from its start like the official loader.
+- A uid with several rows gets frame indices 0, 1, ... in the order of its frame file names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ddeseg.pipelines.records import (
+    AVSS_TASKS,
+    SPLITS,
+    VPO_TASKS,
+    AudioSpec,
+    ClassList,
+    FrameRef,
+    MaskSpec,
+    Reject,
+)
+from ddeseg.pipelines.sources.avsbench import read_label2idx
+from ddeseg.pipelines.sources.common import Source, find_file, join, read_csv, relative
+
+from ddeseg.errors import DataError
+
+AVSS_CSV = "metadata_w_silent.csv"
+VPO_CSV = "vpo_data_clean.csv"
+SILENT_COLUMNS = ("silent", "is_silent")
+TRUE_WORDS = {"1", "true", "yes", "y", "t"}
+FALSE_WORDS = {"0", "false", "no", "n", "f", ""}
+
+
+class DDESegLayoutSource(Source):
+    layout = "ddeseg"
+    tasks_supported = AVSS_TASKS + VPO_TASKS
+
+    def discover(self) -> dict[str, Any]:
+        self.avss_csv = find_file(self.root, AVSS_CSV)
+        self.vpo_csv = find_file(self.root, VPO_CSV)
+        found: dict[str, Path] = {}
+        self.avss_rows: list[tuple[int, list[str]]] = []
+        self.avss_header: list[str] = []
+        if self.avss_csv is not None:
+            label2idx = self.avss_csv.parent / "label2idx.json"
+            if label2idx.is_file():
+                self.set_avss_classes(ClassList(read_label2idx(label2idx)))
+            rows = read_csv(self.avss_csv, skip_header=False)
+            self.avss_header = [cell.lower() for cell in rows[0][1]] if rows else []
+            self.avss_rows = rows[1:]
+            for _, row in self.avss_rows:
+                if len(row) > 5 and row[5] in AVSS_TASKS:
+                    found[row[5]] = self.avss_csv
+        self.vpo_rows: list[tuple[int, list[str], dict[str, str]]] = []
+        if self.vpo_csv is not None:
+            rows = read_csv(self.vpo_csv, skip_header=False)
+            header = rows[0][1] if rows else []
+            missing = [name for name in ("split", "type") if name not in header]
+            if missing:
+                raise DataError(f"{self.vpo_csv}: missing column(s) {missing}; found {header}")
+            for line, cells in rows[1:]:
+                named = dict(zip(header, cells, strict=False))
+                self.vpo_rows.append((line, cells, named))
+                if named.get("type") in VPO_TASKS:
+                    found[named["type"]] = self.vpo_csv
+        return found
+
+    def expected_files(self) -> str:
+        return f"expected {AVSS_CSV} (AVSS part) or {VPO_CSV} (VPO part)"
+
+    def scan(self) -> Iterator[FrameRef | Reject]:
+        if any(task in AVSS_TASKS for task in self.tasks):
+            yield from self._scan_avss()
+        if any(task in VPO_TASKS for task in self.tasks):
+            yield from self._scan_vpo()
+        self.classes.finalize()
+
+    def _silent_column(self) -> int | None:
+        for name in SILENT_COLUMNS:
+            if name in self.avss_header:
+                return self.avss_header.index(name)
+        return None
+
+    def _scan_avss(self) -> Iterator[FrameRef | Reject]:
+        assert self.avss_csv is not None
+        base = relative(self.root, self.avss_csv.parent)
+        csv_name = relative(self.root, self.avss_csv)
+        silent_column = self._silent_column()
+        seen: dict[tuple[str, str], int] = {}
+        for line, row in self.avss_rows:
+            where = f"{csv_name}:{line}"
+            if len(row) < 6:
+                yield Reject(
+                    where, f"expected at least 6 columns (uid at 1, split at 4, subset at 5), got {len(row)}"
+                )
+                continue
+            uid, split, subset = row[1], row[4], row[5]
+            if subset not in AVSS_TASKS:
+                yield Reject(where, f"unknown subset {subset!r} in column 5 (v1s, v1m or v2)")
+                continue
+            if subset not in self.tasks:
+                continue
+            video, _, index = uid.rpartition("_")
+            if not video or not index.isdigit():
+                yield Reject(where, f"uid {uid!r} is not of the form VIDEO_FRAME")
+                continue
+            if split not in SPLITS:
+                yield Reject(where, f"unknown split {split!r} for uid {uid!r}")
+                continue
+            if (subset, uid) in seen:
+                yield Reject(where, f"duplicate row: uid {uid!r} already listed at line {seen[subset, uid]}")
+                continue
+            seen[subset, uid] = line
+            silent_hint = None
+            if silent_column is not None and silent_column < len(row):
+                word = row[silent_column].lower()
+                if word not in TRUE_WORDS | FALSE_WORDS:
+                    yield Reject(where, f"silent flag {row[silent_column]!r} is not 0/1 or true/false")
+                    continue
+                silent_hint = word in TRUE_WORDS
+            frame = int(index)
+            video_dir = join(base, subset, video)
+            yield FrameRef(
+                task=subset,
+                subset=subset,
+                split=split,
+                video=video,
+                frame=frame,
+                image=f"{video_dir}/frames/{index}.jpg",
+                mask=MaskSpec(
+                    candidates=((f"{video_dir}/labels_semantic/{index}.png", "index"),),
+                    optional=subset == "v1s" and split == "train" and frame > 0,
+                ),
+                audio=AudioSpec(paths=(f"{video_dir}/audios/{index}.wav",), window="head"),
+                silent_hint=silent_hint,
+            )
+
+    def _scan_vpo(self) -> Iterator[FrameRef | Reject]:
+        assert self.vpo_csv is not None
+        base = relative(self.root, self.vpo_csv.parent)
+        csv_name = relative(self.root, self.vpo_csv)
+        audio_file = "stereo_audio.wav" if self.vpo_audio == "stereo" else "mono_audio.wav"
+        groups: dict[tuple[str, str], list[tuple[str, str, str, str]]] = {}
+        seen: dict[tuple[str, str, str], int] = {}
+        for line, cells, named in self.vpo_rows:
+            where = f"{csv_name}:{line}"
+            task, split = named.get("type", ""), named.get("split", "")
+            if task not in VPO_TASKS:
+                yield Reject(where, f"unknown type {task!r} (VPO-SS, VPO-MS or VPO-MSMI)")
+                continue
+            if task not in self.tasks:
+                continue
+            if len(cells) < 3 or not all(cells[:3]):
+                yield Reject(where, "expected uid, frame and mask in the first three columns")
+                continue
+            if split not in SPLITS:
+                yield Reject(where, f"unknown split {split!r}")
+                continue
+            uid, frame_file, mask_file = cells[0], cells[1], cells[2]
+            if (task, uid, frame_file) in seen:
+                yield Reject(
+                    where,
+                    f"duplicate row: {uid}/{frame_file} already listed at line {seen[task, uid, frame_file]}",
+                )
+                continue
+            seen[task, uid, frame_file] = line
+            groups.setdefault((task, uid), []).append((frame_file, mask_file, split, where))
+        for (task, uid), rows in groups.items():
+            for frame, (frame_file, mask_file, split, _) in enumerate(sorted(rows)):
+                yield FrameRef(
+                    task=task,
+                    subset=task,
+                    split=split,
+                    video=uid,
+                    frame=frame,
+                    image=join(base, uid, "frames", frame_file),
+                    mask=MaskSpec(candidates=((join(base, uid, "labels_semantic", mask_file), "vpo"),)),
+                    audio=AudioSpec(paths=(join(base, uid, audio_file),), window="head"),
+                )
