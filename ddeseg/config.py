@@ -26,32 +26,38 @@ from ddeseg.errors import DDESegError
 
 @dataclass
 class FrontendConfig:
-    """The log-mel front end, shared by `prepare` (precompute) and the model (raw waveform)."""
+    """The log-mel front end, shared by `prepare` (precompute) and the model (raw waveform).
 
-    sample_rate: int = 22050
-    n_fft: int = 1024  # official `window_size`
-    hop_length: int = 256  # official `hop_size`
-    mel_bins: int = 64
-    fmin: float = 50.0
+    Official names (`audio_model.config.*`) in brackets; see configs/README.md.
+    """
+
+    sample_rate: int = 22050  # [sample_rate]
+    n_fft: int = 1024  # [window_size] (also the Hann window length)
+    hop_length: int = 256  # [hop_size]
+    mel_bins: int = 64  # [mel_bins]
+    fmin: float = 50.0  # [fmin]
     # The official yaml says fmax 50 (an all-NaN filterbank that only worked because the
     # HTS-AT checkpoint overwrites it); we default to the Nyquist band.
-    fmax: float = 11025.0
+    fmax: float = 11025.0  # [fmax]
 
 
 @dataclass
 class AudioBackboneConfig:
-    """HTS-AT (official `audio_model`)."""
+    """HTS-AT (official `audio_model`), frozen inside DDESeg."""
 
     spec_size: int = 256
     patch_size: int = 4
     patch_stride: tuple[int, int] = (4, 4)
     in_chans: int = 1
-    num_classes: int = 71
+    num_classes: int = 71  # classes of the HTS-AT token-semantic head (not the segmentation classes)
     embed_dim: int = 96
     depths: tuple[int, ...] = (2, 2, 6, 2)
     num_heads: tuple[int, ...] = (4, 8, 16, 32)
     window_size: int = 8
     mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.1
     enable_tscam: bool = True
     # `eval`: frozen means frozen (bn0 statistics fixed, no SpecAugment, no stochastic depth);
@@ -72,15 +78,25 @@ class VisualBackboneConfig:
     drop_path_rate: float = 0.1
     depths: tuple[int, ...] = (3, 6, 40, 3)
     sr_ratios: tuple[int, ...] = (8, 4, 2, 1)
+    first_patch_stride: int = 2  # hard-coded in the official FAVSBackbone (MiT itself uses 4)
+    aligner_heads: int = 8  # hard-coded `AV_Aligner(num_heads=8)`
+    aligner_clusters: int = 5  # hard-coded `AV_Aligner(num_clusters=5)`
+    gumbel_tau: float = 1.0  # hard-coded `GumbelSoftmaxClustering(temperature=1.0)`
 
 
 @dataclass
 class ModelConfig:
-    num_classes: int = 71
-    audio_embed_dim: int = 768
+    num_classes: int = 71  # official top-level `num_classes` (1 for v1s/v1m, 22 for VPO)
+    audio_embed_dim: int = 768  # width of the audio latent (= HTS-AT embed_dim * 2^(stages-1))
     derived_semantics: int = 5  # official `align_model.aud_cls_num`
     head_type: str = "norm"  # official `seg_head.type`: norm | weighted
-    head_embedding_dim: int = 768
+    head_embedding_dim: int = 768  # official `seg_head.embedding_dim`
+    head_dropout: float = 0.1  # hard-coded `Dropout2d(0.1)` before the classifier
+    # PyTorch's fused scaled_dot_product_attention in the MiT and HTS-AT attentions: the same
+    # function (both paths match the official fixture to < 1e-5); it does not materialise the
+    # attention matrix (memory on GPU); on the CPU the speed is about the same (bench_model.py).
+    # false = the official explicit softmax(QK^T)V.
+    fused_attn: bool = True
     frontend: FrontendConfig = field(default_factory=FrontendConfig)
     audio: AudioBackboneConfig = field(default_factory=AudioBackboneConfig)
     visual: VisualBackboneConfig = field(default_factory=VisualBackboneConfig)
@@ -145,6 +161,20 @@ class TrainConfig:
 
 
 @dataclass
+class PretrainAudioConfig:
+    """`ddeseg pretrain-audio`: the audio backbone trained as a multi-label sound-event classifier."""
+
+    steps: int = 2000
+    batch_size: int = 32
+    base_lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    log_every: int = 20
+    eval_every: int = 500
+
+
+@dataclass
 class EvalConfig:
     split: str = "test"
     pictures: int = 16
@@ -158,6 +188,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pretrain_audio: PretrainAudioConfig = field(default_factory=PretrainAudioConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 

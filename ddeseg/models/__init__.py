@@ -1,0 +1,12 @@
+"""The DDESeg model: `build_model(model_cfg)` and `load_checkpoint(model, path)`.
+
+Modules: `frontend` (log-mel, shared with the data pipeline), `htsat` (audio backbone),
+`enhancer` (dynamic derivation), `aligner` (dynamic elimination), `mit_aligned` (visual
+backbone), `head` (SegFormer decoders), `ddeseg` (assembly), `checkpoint` (loading).
+"""
+
+from ddeseg.models.checkpoint import LoadReport, load_checkpoint
+from ddeseg.models.ddeseg import DDESeg, build_model
+from ddeseg.models.frontend import LogMelFrontend, frames_for, spec_augment
+
+__all__ = ["DDESeg", "LoadReport", "LogMelFrontend", "build_model", "frames_for", "load_checkpoint", "spec_augment"]

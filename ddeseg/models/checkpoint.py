@@ -1,0 +1,190 @@
+"""Loading weights into a `DDESeg` from every checkpoint format users bring.
+
+| format           | recognised by                                   | goes to            |
+|------------------|-------------------------------------------------|--------------------|
+| `ddeseg`         | keys `audio_model.*` / `aud_enhancer.*` / ...   | the whole model    |
+|                  | (ours, and official `{'model': ...}` files, with or without DDP's `module.`) |  |
+| `mmseg-backbone` | `{'state_dict'}` with `backbone.*` (SegFormer); `decode_head.*` etc. dropped | `backbone` |
+| `mit`            | bare MiT keys (`patch_embed1.*`, `block1.*`; ImageNet `head.*` unexpected)   | `backbone` |
+| `htsat-lightning`| `sed_model.*` keys (HTS-AT Lightning checkpoints)                            | `audio_model` |
+| `htsat`          | bare HTS-AT keys (`layers.*`, `patch_embed.*`, `bn0.*`, ...)                  | `audio_model` |
+
+Everything is read with `torch.load(weights_only=True)` (numpy arrays, found in some old MiT
+files, are allowed as plain data). Keys whose shape differs from the model's (e.g. the HTS-AT
+AudioSet head with 527 classes) are skipped and reported as `mismatched`; `missing` is counted
+within the part the format targets. Zero loaded keys is a `CheckpointError`, never a warning.
+
+HTS-AT and full checkpoints carry `logmel_extractor.melW`: loading them replaces the model's mel
+filterbank, which is how the official pipeline got a valid filterbank despite its `fmax: 50`.
+Use `model.frontend()` (not a fresh `LogMelFrontend(cfg)`) to compute log-mels with it.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ddeseg.errors import CheckpointError
+
+# decode_head.* alone does not make a full checkpoint: SegFormer (mmseg) files have one too.
+FULL_PREFIXES = ("audio_model.", "aud_enhancer.", "memory_bank", "backbone.av_aligners.", "backbone.aud_projs.")
+MIT_PREFIXES = ("patch_embed1.", "block1.", "norm1.")
+HTSAT_PREFIXES = ("layers.", "patch_embed.", "bn0.", "spectrogram_extractor.", "logmel_extractor.", "tscam_conv.")
+
+
+@dataclass
+class LoadReport:
+    """What a `load_checkpoint` call did. Keys are the model's names, except `unexpected`."""
+
+    source: str
+    format: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # model keys of the targeted part not in the file
+    unexpected: list[str] = field(default_factory=list)  # file keys (file names) the model does not have
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)  # key, file, model
+    filterbank_replaced: bool = False
+
+    def summary(self) -> str:
+        """One line: format, counts, and the first few problem keys."""
+
+        def first(keys: list[str]) -> str:
+            return "" if not keys else " (" + ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "") + ")"
+
+        text = (
+            f"{self.format}: loaded {len(self.loaded)}, missing {len(self.missing)}{first(self.missing)}, "
+            f"unexpected {len(self.unexpected)}{first(self.unexpected)}, "
+            f"shape-mismatched {len(self.mismatched)}{first([m[0] for m in self.mismatched])}"
+        )
+        return text + ("; mel filterbank replaced" if self.filterbank_replaced else "")
+
+
+def _numpy_safe_globals() -> list[Any]:
+    """The numpy types a pickled ndarray needs, for `torch.serialization.safe_globals`."""
+    core = getattr(np, "_core", None) or np.core
+    types: list[Any] = [core.multiarray._reconstruct, np.ndarray, np.dtype]
+    types += [type(np.dtype(t)) for t in (np.float16, np.float32, np.float64, np.int32, np.int64, np.uint8, np.bool_)]
+    return types
+
+
+def read_checkpoint_file(path: str | Path) -> Any:
+    """`torch.load(path, map_location='cpu', weights_only=True)`, with numpy arrays allowed and
+    every failure turned into a `CheckpointError` that names the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"{path}: cannot be read as a weights-only torch checkpoint ({first_line}); "
+            "re-save it as a plain state dict of tensors"
+        ) from None
+
+
+def _state_dict_of(payload: Any, source: str) -> dict[str, torch.Tensor]:
+    """The tensor mapping inside a checkpoint payload (`model`, `state_dict` or the dict itself)."""
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{source}: expected a dict, got {type(payload).__name__}")
+    for key in ("model", "state_dict"):
+        if isinstance(payload.get(key), dict):
+            payload = payload[key]
+            break
+    state = {}
+    for key, value in payload.items():
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(value)
+        if torch.is_tensor(value):
+            state[str(key)] = value
+    if not state:
+        raise CheckpointError(f"{source}: no tensors found (top-level keys: {sorted(map(str, payload))[:8]})")
+    if all(key.startswith("module.") for key in state):  # saved from a DDP-wrapped model
+        state = {key[len("module.") :]: value for key, value in state.items()}
+    return state
+
+
+def _translate(state: dict[str, torch.Tensor], source: str) -> tuple[str, str, dict[str, str], list[str]]:
+    """Detect the format. Returns (format, model prefix it targets, {model key: file key} of the
+    keys it maps, file keys it drops on purpose)."""
+    keys = list(state)
+
+    def has(prefixes: tuple[str, ...]) -> bool:
+        return any(key.startswith(prefixes) for key in keys)
+
+    def mapped(strip: str, add: str) -> tuple[dict[str, str], list[str]]:
+        names = {add + k[len(strip) :]: k for k in keys if k.startswith(strip)}
+        return names, [k for k in keys if not k.startswith(strip)]
+
+    if has(("sed_model.",)):
+        return "htsat-lightning", "audio_model.", *mapped("sed_model.", "audio_model.")
+    if has(FULL_PREFIXES):
+        return "ddeseg", "", *mapped("", "")
+    if has(("backbone.",)):
+        return "mmseg-backbone", "backbone.", *mapped("backbone.", "backbone.")
+    if has(MIT_PREFIXES):
+        return "mit", "backbone.", *mapped("", "backbone.")
+    if has(HTSAT_PREFIXES):
+        return "htsat", "audio_model.", *mapped("", "audio_model.")
+    raise CheckpointError(
+        f"{source}: no key matches a DDESeg, MiT/SegFormer or HTS-AT checkpoint (first keys: {keys[:5]})"
+    )
+
+
+def load_checkpoint(
+    model: nn.Module, path_or_state: str | Path | dict[str, Any], strict: bool = False
+) -> LoadReport:
+    """Load any supported checkpoint (see the module docstring) into `model` (a `DDESeg`).
+
+    Args:
+        model: the model; modified in place (also its memory bank, when the file has one).
+        path_or_state: a file path, or an already loaded payload / state dict.
+        strict: also raise when anything in the targeted part is missing, unexpected or of another
+            shape (a full official checkpoint into the matching config loads strictly).
+    Returns:
+        a `LoadReport`. Raises `CheckpointError` when nothing matches.
+    """
+    source = str(path_or_state) if isinstance(path_or_state, (str, Path)) else "<state dict>"
+    payload = read_checkpoint_file(path_or_state) if isinstance(path_or_state, (str, Path)) else path_or_state
+    state = _state_dict_of(payload, source)
+    fmt, prefix, names, dropped = _translate(state, source)
+
+    bank_key = "memory_bank"
+    has_bank = bank_key in names
+    if has_bank:
+        model.set_memory_bank(state[names.pop(bank_key)])  # before the shape check: its size may differ
+    own = model.state_dict()
+    report = LoadReport(source=source, format=fmt)
+    accepted = {}
+    for key, file_key in names.items():
+        value = state[file_key]
+        if key not in own:
+            report.unexpected.append(file_key)
+        elif tuple(value.shape) != tuple(own[key].shape):
+            report.mismatched.append((key, tuple(value.shape), tuple(own[key].shape)))
+        else:
+            accepted[key] = value
+    # mmseg's decode head (a SegFormer head trained on another dataset) is dropped on purpose
+    report.unexpected += [k for k in dropped if not k.startswith("decode_head.")]
+    report.missing = [k for k in own if k.startswith(prefix) and k not in names and k != bank_key]
+    if not accepted:
+        raise CheckpointError(
+            f"{source}: detected as {fmt} but no key matches the model ({report.summary()}); "
+            "is it a checkpoint of another architecture or size?"
+        )
+    if strict and (report.missing or report.unexpected or report.mismatched):
+        raise CheckpointError(f"{source}: strict load failed: {report.summary()}")
+    with torch.no_grad():
+        for key, value in accepted.items():
+            own[key].copy_(value.to(own[key].dtype))
+    report.loaded = [key for key in own if key in accepted]
+    if has_bank:
+        report.loaded.insert(0, bank_key)
+    report.filterbank_replaced = any(key.endswith("logmel_extractor.melW") for key in accepted)
+    return report
