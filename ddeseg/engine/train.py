@@ -57,6 +57,7 @@ class TrainRequest:
     out_dir: Path
     resume: str | None = None  # a checkpoint path, or "latest" (RUN_DIR/last.pt)
     init_checkpoints: tuple[Path, ...] = ()  # backbone / audio / official weights to start from
+    stop_at: int | None = None  # stop after this step (the schedule still spans train.steps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,6 +218,7 @@ def train(config: Config, request: TrainRequest, context: DistributedContext) ->
 
     # ---- loop
     total_steps = config.train.steps
+    stop_at = min(total_steps, request.stop_at or total_steps)
     progress = training_progress(enabled=context.is_main)
     started, window_start, window_samples, window_steps = time.time(), time.time(), 0, 0
     running: dict[str, float] = {}
@@ -225,7 +227,7 @@ def train(config: Config, request: TrainRequest, context: DistributedContext) ->
     with progress:
         task_id = progress.add_task("train", total=total_steps, completed=step, loss=float("nan"), lr=0.0, rate=0.0)
         try:
-            while step < total_steps:
+            while step < stop_at:
                 epoch = step // steps_per_epoch
                 loader = make_train_loader(
                     train_shards,
@@ -285,9 +287,9 @@ def train(config: Config, request: TrainRequest, context: DistributedContext) ->
                             if result["miou"] > best["miou"]:
                                 best = {"miou": result["miou"], "fscore": result["fscore"], "step": step}
                                 save("best.pt")
-                    if step % config.train.checkpoint_every == 0 or step == total_steps:
+                    if step % config.train.checkpoint_every == 0 or step in (total_steps, stop_at):
                         save("last.pt")
-                    if step >= total_steps:
+                    if step >= stop_at:
                         break
                 if step == step_at_epoch_start:
                     raise DDESegError(
