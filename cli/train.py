@@ -41,7 +41,7 @@ def train_command(
     if task:
         overrides.append(f"task={task}")
     if steps:
-        overrides.append(f"train.steps={steps}")
+        overrides += [f"train.steps={steps}", "train.epochs_equivalent=null"]
     cfg = load_config(config, overrides)
     context = init_distributed(device)
     try:

@@ -140,7 +140,10 @@ class LossConfig:
 @dataclass
 class TrainConfig:
     steps: int = 1000
+    # When set, `steps` = epochs_equivalent x steps per epoch of the data (and `warmup_steps` =
+    # warmup_epochs x steps per epoch): the official schedules are in epochs.
     epochs_equivalent: int | None = None
+    warmup_epochs: float | None = None
     base_lr: float = 1e-3
     min_lr: float = 4e-5
     warmup_lr: float = 4e-6

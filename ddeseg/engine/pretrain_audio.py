@@ -136,8 +136,11 @@ def pretrain_audio(config: Config, shards_dir: Path, out_dir: Path, device: torc
     )
     audio_model = build_model(config.model).audio_model.to(device)
     audio_model.requires_grad_(True)
+    # The STFT kernels and mel filterbank are DSP constants, not weights to learn.
+    audio_model.spectrogram_extractor.requires_grad_(False)
+    audio_model.logmel_extractor.requires_grad_(False)
     recipe = config.pretrain_audio
-    optimizer = torch.optim.AdamW(audio_model.parameters(), lr=recipe.base_lr, weight_decay=recipe.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in audio_model.parameters() if p.requires_grad], lr=recipe.base_lr, weight_decay=recipe.weight_decay)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, out_dir / "config.yaml")

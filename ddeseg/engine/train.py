@@ -136,6 +136,11 @@ def train(config: Config, request: TrainRequest, context: DistributedContext) ->
     global_batch = config.data.batch_size * context.world_size
     steps_per_epoch = max(1, math.ceil(index.count(config.task, "train", annotated_only=True) / global_batch))
     micro_steps_per_epoch = steps_per_epoch * config.train.grad_accum
+    if config.train.epochs_equivalent is not None:
+        # The official schedule is in epochs: derive steps from this dataset's size.
+        config.train.steps = config.train.epochs_equivalent * steps_per_epoch
+        if config.train.warmup_epochs is not None:
+            config.train.warmup_steps = round(config.train.warmup_epochs * steps_per_epoch)
     errors_dir = out_dir / "data_errors"
 
     # ---- model
@@ -171,8 +176,12 @@ def train(config: Config, request: TrainRequest, context: DistributedContext) ->
         restore_rng_state(payload["rng"][context.rank] if isinstance(payload["rng"], list) else payload["rng"])
         if context.is_main:
             console.print(f"[bold]resumed[/] from {resume_path} at step {step}")
+    # find_unused_parameters: the official aligners hold projections and norms that the forward
+    # never uses (kept so official checkpoints load strictly); DDP must not wait for their grads.
     train_model = (
-        DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+        )
         if context.is_distributed
         else model
     )
