@@ -1,0 +1,661 @@
+"""Evaluation: the official metrics over a split, audio-reliance controls, and the `ddeseg evaluate` stage.
+
+`evaluate_model` runs a model over an evaluation loader (`make_eval_loader`, which gives every
+frame of the split to exactly one rank) and returns the metrics of `ddeseg.metrics`:
+
+- the DDESeg protocol (`miou`, `fscore` with beta^2 = 0.3, `f1`, `per_class`): predictions are
+  `predicted_labels(logits)` (sigmoid > 0.5 for the binary tasks, which are scored as two
+  classes, background and foreground), ground truth the loader's mask, both at the model's input
+  size (the loader resizes the ground truth with nearest neighbour, as the official evaluation);
+- the AVSBench protocol (`avsbench_miou`, `avsbench_fscore`): for the binary tasks (v1s, v1m:
+  `model.num_classes == 1`) the per-video S4/MS3 protocol of `AVSBenchBinaryMeter` on the
+  foreground logits, otherwise the AVSS per-frame protocol of `SegmentationMeter`.
+
+Under torchrun every rank runs its frames and the meters are summed (gathered) across ranks, so
+every rank returns the same numbers, equal to a single process's on the same split.
+
+Audio-reliance controls (`audio_control`): the model sees the frame with other audio, and the drop
+from the `none` score says how much it uses sound.
+
+- `shuffled`: each frame gets the log-mel of another frame of its batch: frame i takes frame
+  i + 1's (cyclically), a derangement for any batch of two or more. A batch of one frame takes
+  the first frame of the previous batch on its rank; a rank's first batch, when it holds one
+  frame, takes the next batch's. A rank that holds a single frame in all keeps its own audio
+  (counted in `audio_control_unchanged_frames`). The numbers thus depend on how frames are
+  batched (batch size, number of ranks), but not on anything random.
+- `silent`: the log-mel of a zero waveform, computed by the model's own front end
+  (`LogMelFrontend`): -100 dB everywhere (its floor), not zeros, which would be a loud 0 dB.
+
+Evaluation is deterministic: `model.eval()`, float32, no random draw; evaluating twice gives
+identical numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ddeseg.config import Config
+from ddeseg.distributed import DistributedContext, barrier
+from ddeseg.errors import DDESegError
+from ddeseg.metrics import AVSBenchBinaryMeter, SegmentationMeter, foreground_logits, predicted_labels
+from ddeseg.visualize import FramePicture, contact_sheet, denormalize_images, picture_name, save_png, triptych
+
+AUDIO_CONTROLS = ("none", "shuffled", "silent")
+EVAL_JSON, EVAL_MD, PICTURES_DIR, WORST_SHEET = "eval.json", "eval.md", "pictures", "worst-frames.png"
+
+
+# --------------------------------------------------------------------------------------------
+# Audio-reliance controls
+# --------------------------------------------------------------------------------------------
+
+
+def silent_logmel(model: torch.nn.Module, config: Config, frames: int, mel_bins: int) -> torch.Tensor:
+    """float32 `[frames, mel_bins]` (CPU): the log-mel of a zero waveform by the model's front end.
+
+    Uses the model's own front end (`DDESeg.frontend()`, or its `Spectrogram` and
+    `LogMelFilterBank` modules), so a filterbank loaded from a checkpoint is the one used; a
+    model without one gets a `LogMelFrontend` built from `config.model.frontend`. The waveform is long enough for `frames` frames.
+    """
+    from ddeseg.models.frontend import LogMelFilterBank, LogMelFrontend, Spectrogram
+
+    if callable(getattr(model, "frontend", None)):
+        frontend = model.frontend()  # DDESeg: its own extractors, e.g. a loaded filterbank
+    else:
+        spectrogram = next((m for m in model.modules() if isinstance(m, Spectrogram)), None)
+        filterbank = next((m for m in model.modules() if isinstance(m, LogMelFilterBank)), None)
+        if spectrogram is not None and filterbank is not None:
+            frontend = LogMelFrontend.from_modules(spectrogram, filterbank)
+        else:
+            frontend = LogMelFrontend(config.model.frontend)
+    hop, n_fft = config.model.frontend.hop_length, config.model.frontend.n_fft
+    samples = max((frames - 1) * hop, n_fft)  # reflect padding needs more than n_fft / 2 samples
+    device = next((p.device for p in frontend.parameters()), torch.device("cpu"))
+    with torch.no_grad():
+        logmel = frontend(torch.zeros(1, samples, device=device))[0].float().cpu()  # [frames', mel]
+    if logmel.shape[1] != mel_bins:
+        raise DDESegError(
+            f"the model front end makes {logmel.shape[1]} mel bins but the shards' log-mels have {mel_bins}:"
+            " the checkpoint's config does not match these shards"
+        )
+    # Every frame of silence is the same; repeat the last one if the front end made fewer frames.
+    index = torch.arange(frames).clamp(max=logmel.shape[0] - 1)
+    return logmel[index]
+
+
+class AudioControl:
+    """Pairs each batch with the audio the model is given, under one of `AUDIO_CONTROLS`.
+
+    Iterate `control(batches)` to get `(batch, audio)`; `unchanged_frames` counts frames that
+    kept their own audio under `shuffled` (only a rank holding one frame in all).
+    """
+
+    def __init__(self, mode: str, model: torch.nn.Module, config: Config) -> None:
+        if mode not in AUDIO_CONTROLS:
+            raise DDESegError(f"audio control {mode!r} is not one of {', '.join(AUDIO_CONTROLS)}")
+        self.mode, self.model, self.config = mode, model, config
+        self.unchanged_frames = 0
+        self._silent: dict[tuple[int, int], torch.Tensor] = {}
+
+    def __call__(self, batches: Iterable[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
+        if self.mode == "shuffled":
+            yield from self._shuffled(batches)
+            return
+        for batch in batches:
+            audio = batch["logmel"]
+            yield batch, (self._silent_like(audio) if self.mode == "silent" else audio)
+
+    def _silent_like(self, audio: torch.Tensor) -> torch.Tensor:
+        frames, mel_bins = audio.shape[-2], audio.shape[-1]
+        if (frames, mel_bins) not in self._silent:
+            self._silent[frames, mel_bins] = silent_logmel(self.model, self.config, frames, mel_bins)
+        return self._silent[frames, mel_bins].to(audio.dtype).expand(audio.shape).contiguous()
+
+    def _shuffled(self, batches: Iterable[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
+        pending: dict[str, Any] | None = None  # a first batch of one frame, waiting for a donor
+        previous: torch.Tensor | None = None  # the last batch's own audio
+        for batch in batches:
+            audio = batch["logmel"]
+            if audio.shape[0] >= 2:
+                control = audio.roll(-1, dims=0)  # frame i hears frame i + 1
+            elif previous is not None:
+                control = previous[:1]
+            else:
+                pending, previous = batch, audio
+                continue
+            if pending is not None:
+                yield pending, audio[:1]
+                pending = None
+            yield batch, control
+            previous = audio
+        if pending is not None:
+            self.unchanged_frames += pending["logmel"].shape[0]
+            yield pending, pending["logmel"]
+
+
+# --------------------------------------------------------------------------------------------
+# Frames kept for pictures
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PictureCollector:
+    """Keeps the frames to draw: the first `samples` frames of the split by key, and the `worst`
+    frames by their mean IoU (`SegmentationMeter.update`'s per-frame score; ties by key; frames
+    without a score are never "worst"). The choice does not depend on the number of ranks.
+
+    `evaluate_model` calls `add` per batch and `gather` at the end, after which every rank holds
+    the final selection in `sample_frames()` and `worst_frames()`.
+    """
+
+    samples: int = 16
+    worst: int = 16
+    _samples: dict[str, FramePicture] = field(default_factory=dict)
+    _worst: dict[str, FramePicture] = field(default_factory=dict)
+
+    def add(
+        self,
+        keys: Sequence[str],
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        predictions: torch.Tensor,
+        scores: torch.Tensor,
+    ) -> None:
+        """One batch: normalised images `[B, 3, S, S]`, targets and predicted ids `[B, S, S]`, scores `[B]`."""
+        if self.samples <= 0 and self.worst <= 0:
+            return
+        scores_list = [float(s) for s in scores.detach().cpu().tolist()]
+        sample_keys = set(self._select_samples({**dict.fromkeys(self._samples), **dict.fromkeys(keys)}))
+        worst_candidates = dict(self._worst)
+        for key, score in zip(keys, scores_list, strict=True):
+            if math.isfinite(score):
+                worst_candidates[key] = score  # type: ignore[assignment]
+        worst_keys = set(self._select_worst(worst_candidates))
+        wanted = [i for i, key in enumerate(keys) if key in sample_keys or key in worst_keys]
+        if wanted:
+            index = torch.tensor(wanted)
+            pixels = denormalize_images(images.detach()[index.to(images.device)])
+            target_ids = targets.detach()[index.to(targets.device)].cpu().numpy().astype(np.uint8)
+            predicted_ids = predictions.detach()[index.to(predictions.device)].cpu().numpy().astype(np.uint8)
+            for j, i in enumerate(wanted):
+                frame = FramePicture(keys[i], pixels[j], target_ids[j], predicted_ids[j], scores_list[i])
+                if keys[i] in sample_keys:
+                    self._samples[keys[i]] = frame
+                if keys[i] in worst_keys:
+                    self._worst[keys[i]] = frame
+        self._samples = {k: v for k, v in self._samples.items() if k in sample_keys}
+        self._worst = {k: v for k, v in self._worst.items() if k in worst_keys}
+
+    def _select_samples(self, keys: dict[str, Any]) -> list[str]:
+        return sorted(keys)[: max(0, self.samples)]
+
+    def _select_worst(self, candidates: dict[str, Any]) -> list[str]:
+        def score(key: str) -> float:
+            value = candidates[key]
+            return value.score if isinstance(value, FramePicture) else float(value)
+
+        return sorted(candidates, key=lambda key: (score(key), key))[: max(0, self.worst)]
+
+    def gather(self, group: Any = None) -> PictureCollector:
+        """Merge every rank's frames on every rank (all ranks must call it); a no-op in one process."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1):
+            return self
+        gathered: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, (list(self._samples.values()), list(self._worst.values())), group=group)
+        samples: dict[str, FramePicture] = {}
+        worst: dict[str, FramePicture] = {}
+        for rank_samples, rank_worst in gathered:
+            samples.update({frame.key: frame for frame in rank_samples})
+            worst.update({frame.key: frame for frame in rank_worst})
+        self._samples = {k: samples[k] for k in self._select_samples(samples)}
+        self._worst = {k: worst[k] for k in self._select_worst(worst)}
+        return self
+
+    def sample_frames(self) -> list[FramePicture]:
+        return [self._samples[k] for k in self._select_samples(self._samples)]
+
+    def worst_frames(self) -> list[FramePicture]:
+        return [self._worst[k] for k in self._select_worst(self._worst)]
+
+
+# --------------------------------------------------------------------------------------------
+# The evaluation loop
+# --------------------------------------------------------------------------------------------
+
+
+def video_frame_ids(batch: dict[str, Any]) -> tuple[list[str], list[int]]:
+    """Video id and frame index of every frame of a batch (the binary protocol groups by video).
+
+    From the batch's `video` / `frame` fields when the loader provides them, else from the
+    sample key `{task}-{video}-{frame:03d}` (`schema.sample_key`): everything before the last
+    `-` names the video (unique within a task), the rest is the frame index.
+    """
+    if "video" in batch and "frame" in batch:
+        frames = batch["frame"]
+        frames = frames.tolist() if torch.is_tensor(frames) else list(frames)
+        return [str(v) for v in batch["video"]], [int(f) for f in frames]
+    videos, frames = [], []
+    for key in batch["key"]:
+        video, _, frame = str(key).rpartition("-")
+        if not video or not frame.isdigit():
+            raise DDESegError(f"sample key {key!r} is not of the form TASK-VIDEO-FRAME; cannot group frames by video")
+        videos.append(video)
+        frames.append(int(frame))
+    return videos, frames
+
+
+def _select(batch: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
+    """The frames of `batch` where `keep` (bool `[B]`) is true."""
+    index = keep.nonzero().flatten().tolist()
+    out: dict[str, Any] = {}
+    for name, value in batch.items():
+        if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == keep.shape[0]:
+            out[name] = value[keep.to(value.device)]
+        elif isinstance(value, (list, tuple)) and len(value) == keep.shape[0]:
+            out[name] = [value[i] for i in index]
+        else:
+            out[name] = value
+    return out
+
+
+def class_entries(per_class: dict[int, dict[str, Any]], class_names: Sequence[str] | None) -> dict[int, dict[str, Any]]:
+    """`per_class` with each class's `name` (default `class_{id}`)."""
+    return {
+        k: {"name": class_names[k] if class_names is not None and k < len(class_names) else f"class_{k}", **entry}
+        for k, entry in per_class.items()
+    }
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    loader: Iterable[dict[str, Any]],
+    config: Config,
+    context: DistributedContext,
+    *,
+    audio_control: str = "none",
+    pictures: PictureCollector | None = None,
+    class_names: Sequence[str] | None = None,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Score `model` on this rank's batches and reduce across ranks.
+
+    Args:
+        model: a DDESeg model (not DDP-wrapped) on `context.device`; `model(image, logmel)` gives
+            logits `[B, C, H, W]`, C == 1 for the binary tasks. Its train/eval mode is restored.
+        loader: batches of `make_eval_loader` (`image`, `mask`, `logmel`, `key`; `annotated` and
+            `video`/`frame` when present). Unannotated frames are skipped.
+        config: the run config (`model.num_classes`, `model.frontend` for `silent`).
+        context: rank, world size and device. Every rank must call this (collectives inside).
+        audio_control: `none`, `shuffled` or `silent` (see the module docstring).
+        pictures: collects frames to draw; after the call it holds the split-wide selection.
+        class_names: names of the task's classes by task id (added to `per_class`).
+        progress: a `(rich Progress, task id)` pair to advance by frames, on the main rank.
+    Returns:
+        the dict of `SegmentationMeter.compute()` (`miou`, `fscore`, `f1`, `per_class` keyed by
+        task class id, each with a `name`, `num_frames`, ...) with `avsbench_miou` /
+        `avsbench_fscore` from the binary meter for binary tasks (plus its `num_videos`,
+        `num_empty_target_frames`), and `binary`, `num_classes`, `avsbench_protocol`,
+        `audio_control`, `audio_control_unchanged_frames`. Identical on every rank.
+    """
+    device = context.device
+    binary = config.model.num_classes == 1
+    meter = SegmentationMeter(2 if binary else config.model.num_classes, device=device)
+    binary_meter = AVSBenchBinaryMeter() if binary else None
+    control = AudioControl(audio_control, model, config)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch, audio in control(loader):
+                if "annotated" in batch and not bool(batch["annotated"].all()):
+                    keep = batch["annotated"].bool()
+                    batch = _select(batch, keep)
+                    audio = audio[keep.to(audio.device)]
+                    if not batch["key"]:
+                        continue
+                image = batch["image"].to(device, non_blocking=True)
+                target = batch["mask"].to(device, non_blocking=True)
+                logits = model(image, audio.to(device, non_blocking=True)).float()
+                if logits.shape[-2:] != target.shape[-2:]:
+                    # The official head returns logits at the input size; upsample others to it.
+                    logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
+                labels = predicted_labels(logits)
+                scores = meter.update(labels, target)
+                if binary_meter is not None:
+                    videos, frames = video_frame_ids(batch)
+                    binary_meter.update(foreground_logits(logits), target, videos, frames)
+                if pictures is not None:
+                    pictures.add(list(batch["key"]), batch["image"], target, labels, scores)
+                if progress is not None:
+                    bar, task_id = progress
+                    bar.advance(task_id, len(batch["key"]) * context.world_size)
+    finally:
+        model.train(was_training)
+
+    meter.all_reduce()
+    result = meter.compute()
+    result["per_class"] = class_entries(result["per_class"], class_names)
+    if binary_meter is not None:
+        binary_meter.all_reduce()
+        binary_result = binary_meter.compute()
+        for name in ("avsbench_miou", "avsbench_fscore", "num_videos", "num_empty_target_frames", "duplicate_frames"):
+            result[name] = binary_result[name]
+        # The per-class AVSS numbers are not the binary protocol's; leave them out.
+        for entry in result["per_class"].values():
+            for name in ("avsbench_frames", "avsbench_iou", "avsbench_fscore"):
+                entry.pop(name, None)
+        result["avsbench_protocol"] = "AVSBench S4/MS3 (binary, per video)"
+    else:
+        result["avsbench_protocol"] = "AVSBench AVSS (semantic, per frame)"
+    if pictures is not None:
+        pictures.gather()
+    unchanged = torch.tensor([control.unchanged_frames], dtype=torch.float64)
+    if context.is_distributed and dist.is_available() and dist.is_initialized():
+        unchanged = unchanged.to(device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(unchanged)
+    result.update(
+        binary=binary,
+        num_classes=meter.num_classes,
+        audio_control=audio_control,
+        audio_control_unchanged_frames=int(unchanged.item()),
+    )
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# The `ddeseg evaluate` stage
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvaluateRequest:
+    """Inputs of `run_evaluation` (what `ddeseg evaluate` parses)."""
+
+    checkpoint: Path
+    shards_dir: Path
+    out_dir: Path
+    task: str | None = None
+    split: str = "test"
+    audio_control: str = "none"
+    config_path: Path | None = None  # required for official checkpoints; replaces a stored config
+    overrides: list[str] = field(default_factory=list)
+    memory_bank: Path | None = None  # required for official checkpoints (they hold no bank)
+    pictures: int | None = None  # default config.eval.pictures
+    worst_frames: int | None = None  # default config.eval.worst_frames
+    batch_size: int | None = None  # default config.data.eval_batch_size
+    num_workers: int | None = None  # default config.data.num_workers
+    show_progress: bool = True
+
+
+def task_class_names(classes: dict[str, Any], task: str) -> list[str]:
+    """Names of `task`'s classes by task id, from `classes.json` (binary: background, foreground)."""
+    protocol = classes["tasks"][task]
+    if protocol["binary"]:
+        return [classes["names"][0], "foreground"]
+    return [classes["names"][unified] for unified in protocol["ids"]]
+
+
+def load_for_evaluation(request: EvaluateRequest) -> tuple[torch.nn.Module, Config, dict[str, Any]]:
+    """Build the model of a checkpoint (ours or an official full one) and its config.
+
+    Returns the model (CPU, eval mode), the config (with `--task` applied) and a description
+    (`format`, `load_report`, `memory_bank`, `classes` stored in the checkpoint, `step`).
+    """
+    from ddeseg.checkpoint import FORMAT
+    from ddeseg.config import config_from_dict, load_config
+    from ddeseg.errors import CheckpointError
+    from ddeseg.models import build_model, load_checkpoint
+    from ddeseg.models.checkpoint import read_checkpoint_file
+
+    path = Path(request.checkpoint)
+    payload = read_checkpoint_file(path)
+    ours = isinstance(payload, dict) and payload.get("format") == FORMAT
+    overrides = list(request.overrides) + ([f"task={request.task}"] if request.task else [])
+    stored = {"classes": list(payload.get("classes") or []), "step": payload.get("step")} if ours else {}
+    if ours and request.config_path is None:
+        config = config_from_dict(payload["config"], overrides)
+    elif request.config_path is not None:
+        config = load_config(request.config_path, overrides)
+    else:
+        raise DDESegError(
+            f"{path} is not a ddeseg training checkpoint (no config inside): pass --config CFG.yaml"
+            " with the model it was trained with (e.g. configs/v2.yaml for an official v2 checkpoint)"
+        )
+
+    model = build_model(config.model)
+    report = load_checkpoint(model, payload)
+    del payload
+    if report.format != "ddeseg":
+        raise CheckpointError(
+            f"{path} is a {report.format} checkpoint (part of the model only); evaluate a full DDESeg checkpoint"
+            " (ours from `ddeseg train`, or an official one)"
+        )
+    if request.memory_bank is not None:
+        bank_path = Path(request.memory_bank)
+        if not bank_path.is_file():
+            raise DDESegError(f"memory bank not found: {bank_path}")
+        model.set_memory_bank(np.load(bank_path, allow_pickle=False))
+    elif getattr(model, "memory_bank", None) is None:
+        raise DDESegError(
+            f"{path} holds no audio memory bank (official checkpoints do not): pass --memory-bank"
+            " BANK_DIR/bank.npy from `ddeseg build-memory-bank`"
+        )
+    model.eval()
+    info = {
+        "format": FORMAT if ours else "official",
+        "load_report": report.summary(),
+        "load_incomplete": bool(report.missing or report.mismatched),
+        "memory_bank": str(request.memory_bank) if request.memory_bank is not None else "checkpoint",
+        "classes": list(stored.get("classes") or []),
+        "step": stored.get("step"),
+    }
+    return model, config, info
+
+
+def run_evaluation(request: EvaluateRequest, context: DistributedContext) -> dict[str, Any]:
+    """Evaluate a checkpoint on a split of prepared shards and, on rank 0, write `eval.json`,
+    `eval.md` and `pictures/` into `request.out_dir`. Returns the eval.json dict (every rank)."""
+    from ddeseg.data.shards import ShardIndex
+    from ddeseg.data.stream import count_data_errors, make_eval_loader
+    from ddeseg.progress import console, stage_progress
+
+    if request.audio_control not in AUDIO_CONTROLS:
+        raise DDESegError(f"--audio-control {request.audio_control!r} is not one of {', '.join(AUDIO_CONTROLS)}")
+    index = ShardIndex(request.shards_dir)
+    model, config, info = load_for_evaluation(request)
+    task, split = config.task, request.split
+    classes = json.loads((index.root / "classes.json").read_text())
+    if task not in classes.get("tasks", {}):
+        raise DDESegError(f"task {task!r} is not in {index.root}/classes.json (tasks: {sorted(classes.get('tasks', {}))})")
+    protocol = classes["tasks"][task]
+    expected = 1 if protocol["binary"] else protocol["num_classes"]
+    if config.model.num_classes != expected:
+        raise DDESegError(
+            f"the model has {config.model.num_classes} output classes but task {task!r} of {index.root} needs"
+            f" {expected}: evaluate it on its own task (--task) or with the matching --config"
+        )
+    class_names = task_class_names(classes, task)
+    if info["load_incomplete"] and context.is_main:
+        console.print(f"[yellow]warning[/]: the checkpoint does not fill the model: {info['load_report']}")
+    if info["classes"] and info["classes"] != list(classes["names"]) and context.is_main:
+        console.print(f"[yellow]warning[/]: the checkpoint's class list differs from {index.root}/classes.json")
+    shards = index.shards(task, split)
+    total = index.count(task, split, annotated_only=True)
+
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    model.to(context.device)
+    out_dir = Path(request.out_dir)
+    errors_dir = out_dir / "data_errors"
+    if context.is_main and errors_dir.exists():
+        shutil.rmtree(errors_dir)  # a previous run's skips are not this run's
+    barrier()
+    loader = make_eval_loader(
+        shards,
+        config,
+        rank=context.rank,
+        world_size=context.world_size,
+        errors_dir=errors_dir,
+        num_workers=request.num_workers,
+        batch_size=request.batch_size,
+    )
+    num_pictures = config.eval.pictures if request.pictures is None else request.pictures
+    num_worst = config.eval.worst_frames if request.worst_frames is None else request.worst_frames
+    collector = PictureCollector(samples=num_pictures, worst=num_worst)
+    bar = stage_progress("frames", enabled=context.is_main and request.show_progress)
+    with bar:
+        task_id = bar.add_task(f"evaluate {task}/{split}", total=total)
+        result = evaluate_model(
+            model,
+            loader,
+            config,
+            context,
+            audio_control=request.audio_control,
+            pictures=collector,
+            class_names=class_names,
+            progress=(bar, task_id),
+        )
+        bar.update(task_id, completed=total)
+    barrier()  # every rank's loader workers have written their error logs
+    report = {
+        "miou": result["miou"],
+        "fscore": result["fscore"],
+        "f1": result["f1"],
+        "avsbench_miou": result["avsbench_miou"],
+        "avsbench_fscore": result["avsbench_fscore"],
+        "avsbench_protocol": result["avsbench_protocol"],
+        "per_class": {entry["name"]: {"id": k, **_plain(entry, drop=("name",))} for k, entry in result["per_class"].items()},
+        "task": task,
+        "split": split,
+        "binary": result["binary"],
+        "num_classes": result["num_classes"],
+        "checkpoint": str(request.checkpoint),
+        "checkpoint_format": info["format"],
+        "checkpoint_step": info["step"],
+        "memory_bank": info["memory_bank"],
+        "audio_control": request.audio_control,
+        "audio_control_unchanged_frames": result["audio_control_unchanged_frames"],
+        "counts": {
+            "frames": result["num_frames"],
+            "frames_in_manifest": total,
+            "pixels": result["num_pixels"],
+            "classes_evaluated": result["num_classes_evaluated"],
+            "skipped_samples": count_data_errors(errors_dir),
+            "world_size": context.world_size,
+            **{k: result[k] for k in ("num_videos", "num_empty_target_frames", "duplicate_frames") if k in result},
+        },
+    }
+    if context.is_main:
+        write_outputs(report, collector, out_dir, class_names)
+        print_report(report, console)
+    return report
+
+
+def _plain(entry: dict[str, Any], drop: Sequence[str] = ()) -> dict[str, Any]:
+    return {k: v for k, v in entry.items() if k not in drop}
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------
+
+
+def write_outputs(report: dict[str, Any], collector: PictureCollector, out_dir: Path, class_names: Sequence[str]) -> None:
+    """`eval.json`, `eval.md` and `pictures/` (replaced whole, so no stale picture stays)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pictures_dir = out_dir / PICTURES_DIR
+    if pictures_dir.exists():
+        shutil.rmtree(pictures_dir)
+    written: list[str] = []
+    for i, frame in enumerate(collector.sample_frames()):
+        written.append(save_png(triptych(frame), pictures_dir / picture_name(i, frame.key)).name)
+    worst = collector.worst_frames()
+    if worst:
+        written.append(save_png(contact_sheet(worst), pictures_dir / WORST_SHEET).name)
+    report["pictures"] = [f"{PICTURES_DIR}/{name}" for name in written]
+    report["worst_frames"] = [{"key": f.key, "iou": f.score} for f in worst]
+    _write_text(out_dir / EVAL_JSON, json.dumps(report, indent=1, sort_keys=False, allow_nan=False, default=_json_default) + "\n")
+    _write_text(out_dir / EVAL_MD, markdown_report(report))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _write_text(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    """The eval.md text: settings, overall scores of both protocols, per-class table, pictures."""
+    counts = report["counts"]
+    lines = [
+        f"# Evaluation: {report['task']} / {report['split']}",
+        "",
+        f"- checkpoint: `{report['checkpoint']}` ({report['checkpoint_format']}, step {report['checkpoint_step']})",
+        f"- memory bank: {report['memory_bank']}",
+        f"- audio control: **{report['audio_control']}**",
+        f"- frames: {counts['frames']} (manifest: {counts['frames_in_manifest']}, skipped: {counts['skipped_samples']}),"
+        f" classes evaluated: {counts['classes_evaluated']} of {report['num_classes']}",
+        "",
+        "| protocol | mIoU | F-score (beta^2 = 0.3) | F1 |",
+        "|---|---|---|---|",
+        f"| DDESeg (split-accumulated) | {_fmt(report['miou'])} | {_fmt(report['fscore'])} | {_fmt(report['f1'])} |",
+        f"| {report['avsbench_protocol']} | {_fmt(report['avsbench_miou'])} | {_fmt(report['avsbench_fscore'])} | – |",
+        "",
+        "## Per class (DDESeg protocol; – : class in neither ground truth nor prediction)",
+        "",
+        "| id | class | IoU | F-score | F1 | precision | recall | GT pixels | predicted pixels |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, entry in report["per_class"].items():
+        lines.append(
+            f"| {entry['id']} | {name} | {_fmt(entry['iou'])} | {_fmt(entry['fscore'])} | {_fmt(entry['f1'])} |"
+            f" {_fmt(entry['precision'])} | {_fmt(entry['recall'])} | {entry['target_pixels']} | {entry['predicted_pixels']} |"
+        )
+    if report.get("pictures"):
+        lines += ["", "## Pictures (image | ground truth | prediction)", ""]
+        lines += [f"- [{path}]({path})" for path in report["pictures"]]
+    if report.get("worst_frames"):
+        lines += ["", "## Worst frames (mean IoU over the classes in the frame)", ""]
+        lines += [f"{i + 1}. `{w['key']}`: {_fmt(w['iou'], 3)}" for i, w in enumerate(report["worst_frames"])]
+    return "\n".join(lines) + "\n"
+
+
+def print_report(report: dict[str, Any], console: Any) -> None:
+    """Rich tables of the overall and per-class scores."""
+    from rich.table import Table
+
+    overall = Table(title=f"{report['task']} / {report['split']}  (audio: {report['audio_control']}, {report['counts']['frames']} frames)")
+    for column in ("protocol", "mIoU", "F-score", "F1"):
+        overall.add_column(column, justify="left" if column == "protocol" else "right")
+    overall.add_row("DDESeg", _fmt(report["miou"]), _fmt(report["fscore"]), _fmt(report["f1"]))
+    overall.add_row(report["avsbench_protocol"], _fmt(report["avsbench_miou"]), _fmt(report["avsbench_fscore"]), "–")
+    console.print(overall)
+    per_class = Table(title="per class (DDESeg protocol)")
+    for column in ("id", "class", "IoU", "F-score", "F1", "GT px", "pred px"):
+        per_class.add_column(column, justify="left" if column == "class" else "right")
+    for name, entry in report["per_class"].items():
+        per_class.add_row(
+            str(entry["id"]), name, _fmt(entry["iou"]), _fmt(entry["fscore"]), _fmt(entry["f1"]),
+            str(entry["target_pixels"]), str(entry["predicted_pixels"]),
+        )
+    console.print(per_class)
