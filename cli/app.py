@@ -17,16 +17,17 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-# Commands register themselves in their modules; import order is the order in `--help`.
-from ddeseg.cli import (
-    evaluate,  # noqa: E402,F401
-    inspect,  # noqa: E402,F401
-    memory_bank,  # noqa: E402,F401
-    prepare,  # noqa: E402,F401
-    pretrain_audio,  # noqa: E402,F401
-    synth,  # noqa: E402,F401
-    train,  # noqa: E402,F401
-)
+# Commands register themselves in their modules; the import order is the order in `--help`
+# (the pipeline's order), so these lines are not sorted.
+# ruff: noqa: I001
+from ddeseg.cli import synth  # noqa: F401
+from ddeseg.cli import prepare  # noqa: F401
+from ddeseg.cli import inspect  # noqa: F401
+from ddeseg.cli import pretrain_audio  # noqa: F401
+from ddeseg.cli import memory_bank  # noqa: F401
+from ddeseg.cli import train  # noqa: F401
+from ddeseg.cli import evaluate  # noqa: F401
+from ddeseg.cli import demo  # noqa: F401
 
 
 def main() -> None:

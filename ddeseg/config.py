@@ -313,9 +313,32 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -
     return from_dict(Config, _deep_merge(data, parse_overrides(overrides)))
 
 
+BUNDLED_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config file path; a bare name such as `v2` or `demo.yaml` that is not a file names one
+    of the configs shipped with ddeseg (`configs/` of the repository, `ddeseg.configs` installed)."""
+    candidate = Path(path)
+    if candidate.is_file():
+        return candidate
+    if candidate.parent == Path("."):
+        name = candidate.name if candidate.suffix == ".yaml" else f"{candidate.name}.yaml"
+        try:
+            from importlib.resources import files
+
+            bundled = Path(str(files("ddeseg.configs") / name))
+        except ModuleNotFoundError:
+            bundled = BUNDLED_CONFIGS / name
+        if bundled.is_file():
+            return bundled
+    raise ConfigError(f"config file not found: {path} (bundled configs: v1s, v1m, v2, VPO-SS, VPO-MS, VPO-MSMI, tiny, demo)")
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (with `base:` inheritance) and dotted overrides into a `Config`."""
-    data = {} if path is None else _read_yaml_with_bases(Path(path))
+    """Load a YAML config (with `base:` inheritance) and dotted overrides into a `Config`.
+    `path` may also name a bundled config (`v2`, `demo`, ...)."""
+    data = {} if path is None else _read_yaml_with_bases(resolve_config_path(path))
     try:
         return config_from_dict(data, overrides)
     except ConfigError as error:
