@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,7 +151,7 @@ class AudioControl:
 
 @dataclass
 class PictureCollector:
-    """Keeps the frames to draw: the first `samples` frames of the split by key, and the `worst`
+    """Keeps the frames to draw: `samples` frames spread over the split (by a hash of the key), and the `worst`
     frames by their mean IoU (`SegmentationMeter.update`'s per-frame score; ties by key; frames
     without a score are never "worst"). The choice does not depend on the number of ranks.
 
@@ -197,7 +198,9 @@ class PictureCollector:
         self._worst = {k: v for k, v in self._worst.items() if k in worst_keys}
 
     def _select_samples(self, keys: dict[str, Any]) -> list[str]:
-        return sorted(keys)[: max(0, self.samples)]
+        # Ordered by a hash of the key, not the key itself, so the samples spread over videos
+        # instead of being the first frames of the first video; still independent of ranks.
+        return sorted(keys, key=lambda key: (zlib.crc32(key.encode()), key))[: max(0, self.samples)]
 
     def _select_worst(self, candidates: dict[str, Any]) -> list[str]:
         def score(key: str) -> float:
