@@ -28,7 +28,7 @@ class AVSBenchPart(str, Enum):
 
 @app.command("prepare", no_args_is_help=True)
 def prepare_command(
-    layout: Layout = typer.Option(..., "--layout", help="Raw layout (../shared/DATASETS.md)."),
+    layout: Layout = typer.Option(..., "--layout", help="Raw layout: avsbench (original AVSBench releases), ddeseg (DDESeg reorganised AVSS/VPO), vpo (original VPO); see docs/datasets.md."),
     root: Path = typer.Option(..., "--root", help="Raw dataset folder (RAW_DIR)."),
     out: Path = typer.Option(
         ...,

@@ -522,17 +522,20 @@ class _TrainDecodeStage(_DecodeBase):
                 self.fail(sample, error)
                 continue
             self.errors.note_success()
-            yield {
-                "image": image,
-                "mask": mask,
-                "logmel": logmel,
-                "key": sample["__key__"],
-                "classes": decoded["classes"],
-                "orig_size": (meta.height, meta.width),
-                "video": meta.video,
-                "frame": meta.frame,
-                "silent": meta.silent,
-            }
+            yield {"image": image, "mask": mask, "logmel": logmel, **_identity(sample, decoded)}
+
+
+def _identity(sample: dict[str, Any], decoded: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a batch item that say which frame it is (shared by train and eval)."""
+    meta = decoded["meta"]
+    return {
+        "key": sample["__key__"],
+        "classes": decoded["classes"],
+        "orig_size": (meta.height, meta.width),
+        "video": meta.video,
+        "frame": meta.frame,
+        "silent": meta.silent,
+    }
 
 
 class _EvalAssignStage:
@@ -571,12 +574,7 @@ class _EvalDecodeStage(_DecodeBase):
                 "image": image,
                 "mask": torch.from_numpy(mask.astype(np.int64)),
                 "logmel": logmel,
-                "key": sample["__key__"],
-                "classes": decoded["classes"],
-                "orig_size": (meta.height, meta.width),
-                "video": meta.video,
-                "frame": meta.frame,
-                "silent": meta.silent,
+                **_identity(sample, decoded),
                 "annotated": meta.annotated,
                 "__batch__": sample["__batch__"],
             }
