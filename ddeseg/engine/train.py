@@ -19,7 +19,6 @@ identical weights (tested on the CPU).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from ddeseg.data.shards import ShardIndex
 from ddeseg.data.stream import count_data_errors, make_eval_loader, make_train_loader
 from ddeseg.distributed import DistributedContext, all_reduce_mean, barrier
 from ddeseg.engine.evaluate import evaluate_model
+from ddeseg.engine.run_log import RunLog
 from ddeseg.errors import DDESegError
 from ddeseg.losses import SegmentationLoss
 from ddeseg.models import build_model, load_checkpoint
@@ -111,11 +111,6 @@ def autocast_context(device: torch.device, precision: str):
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
-
-
-def _log(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as handle:
-        handle.write(json.dumps(record, sort_keys=True) + "\n")
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -190,7 +185,18 @@ def train(config: Config, request: TrainRequest, context: DistributedContext) ->
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, out_dir / "config.yaml")
         _print_start_summary(config, index, model, context, steps_per_epoch, val_shards)
-    metrics_path = out_dir / "metrics.jsonl"
+    run_log = (
+        RunLog(
+            out_dir,
+            tensorboard=config.train.tensorboard,
+            wandb=config.train.wandb,
+            wandb_project=config.train.wandb_project,
+            config=to_dict(config),
+            resume=bool(request.resume),
+        )
+        if context.is_main
+        else None
+    )
 
     def save(name: str) -> None:
         # Every rank's RNG state is gathered so a resumed multi-rank run continues each stream.
@@ -282,7 +288,7 @@ def train(config: Config, request: TrainRequest, context: DistributedContext) ->
                         rate = window_samples * context.world_size / max(time.time() - window_start, 1e-9)
                         lr = optimizer.param_groups[0]["lr"]
                         if context.is_main:
-                            _log(metrics_path, {"step": step, "epoch": epoch, "lr": lr, "samples_per_s": rate, **averaged})
+                            run_log.log({"step": step, "epoch": epoch, "lr": lr, "samples_per_s": rate, **averaged})
                         progress.update(task_id, completed=step, loss=averaged["loss"], lr=lr, rate=rate)
                         running, window_start, window_samples, window_steps = {}, time.time(), 0, 0
                     else:
@@ -292,7 +298,7 @@ def train(config: Config, request: TrainRequest, context: DistributedContext) ->
                         result = validate()
                         if result is not None:
                             if context.is_main:
-                                _log(metrics_path, {"step": step, "split": "val", **_scalars(result)})
+                                run_log.log({"step": step, "split": "val", **_scalars(result)})
                             if result["miou"] > best["miou"]:
                                 best = {"miou": result["miou"], "fscore": result["fscore"], "step": step}
                                 save("best.pt")
@@ -321,7 +327,8 @@ def train(config: Config, request: TrainRequest, context: DistributedContext) ->
         "run_dir": str(out_dir),
     }
     if context.is_main:
-        _log(metrics_path, {"event": "end", **summary})
+        run_log.log({"event": "end", **summary})
+        run_log.close()
         _print_end_summary(summary, out_dir)
     if interrupted:
         raise KeyboardInterrupt
