@@ -41,9 +41,10 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 import sklearn
-from ddeseg.pipelines.memory_bank import cluster_class_embeddings, kmeans_faiss
 from sklearn.cluster import KMeans
 from threadpoolctl import threadpool_info, threadpool_limits
+
+from ddeseg.pipelines.memory_bank import cluster_class_embeddings, kmeans_faiss
 
 AVSS_CLASSES = 71
 

@@ -28,9 +28,8 @@ from pathlib import Path
 
 def child(root: str, out: str, workers: int, samples_per_shard: int) -> None:
     """Prepare `root` into `out` in this (fresh) process; print one json line of measurements."""
-    from ddeseg.pipelines.prepare import PrepareOptions, prepare
-
     from ddeseg.config import Config
+    from ddeseg.pipelines.prepare import PrepareOptions, prepare
 
     config = Config()
     config.data.samples_per_shard = samples_per_shard
@@ -87,9 +86,9 @@ def bench_logmel(clips: int) -> dict[str, float]:
     import librosa
     import numpy as np
     import torch
-    from ddeseg.pipelines.logmel import LogMelBatcher
 
     from ddeseg.config import FrontendConfig
+    from ddeseg.pipelines.logmel import LogMelBatcher
 
     cfg = FrontendConfig()
     rng = np.random.default_rng(0)

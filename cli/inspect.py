@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+
 from ddeseg.cli.app import app
 
 
@@ -31,11 +32,11 @@ def inspect_command(
 
         ddeseg inspect shards/avs --dump v2-_abc123_1000-003 --out look/
     """
-    from ddeseg.pipelines.shards import dump_sample, manifest_summary
     from rich.console import Console
     from rich.table import Table
 
     from ddeseg.errors import DDESegError
+    from ddeseg.pipelines.shards import dump_sample, manifest_summary
 
     console = Console()
     if dump is not None:

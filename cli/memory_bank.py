@@ -8,6 +8,7 @@ from enum import Enum
 from pathlib import Path
 
 import typer
+
 from ddeseg.cli.app import app
 
 
@@ -100,10 +101,10 @@ def build_memory_bank_command(
 
         ddeseg build-memory-bank --shards shards/vpo --task VPO-MS --k 5 --out bank/vpo --include-multi-source --allow-missing-classes
     """
-    from ddeseg.pipelines.memory_bank import build_memory_bank, summary_table
     from rich.console import Console
 
     from ddeseg.config import load_config
+    from ddeseg.pipelines.memory_bank import build_memory_bank, summary_table
 
     with warnings.catch_warnings():  # restores the usual warning printer afterwards
         warnings.showwarning = _one_line_warning

@@ -6,6 +6,7 @@ from enum import Enum
 from pathlib import Path
 
 import typer
+
 from ddeseg.cli.app import app
 
 
@@ -93,10 +94,10 @@ def prepare_command(
 
         ddeseg prepare --layout vpo --root data/audio_visual --out shards/vpo --tasks VPO-SS,VPO-MS --on-error fail
     """
-    from ddeseg.pipelines.prepare import PrepareOptions, prepare, summary_table
     from rich.console import Console
 
     from ddeseg.config import load_config
+    from ddeseg.pipelines.prepare import PrepareOptions, prepare, summary_table
 
     options = PrepareOptions(
         layout=layout.value,

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from ddeseg.cli.app import app
-from ddeseg.pipelines.sources.synthetic import DEFAULT_ASPECTS, LAYOUTS, generate
 
+from ddeseg.cli.app import app
 from ddeseg.errors import DDESegError
+from ddeseg.pipelines.sources.synthetic import DEFAULT_ASPECTS, LAYOUTS, generate
 from ddeseg.progress import console, stage_progress
 
 EPILOG = """\

@@ -72,13 +72,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from ddeseg.pipelines.shards import read_samples, write_atomic
 
 from ddeseg.config import Config
 from ddeseg.data import schema
 from ddeseg.data.schema import SampleMeta, decode_array, encode_array
 from ddeseg.data.shards import bank_class_ids
 from ddeseg.errors import DataError, DDESegError
+from ddeseg.pipelines.shards import read_samples, write_atomic
 from ddeseg.progress import stage_progress
 
 BANK_FILE = "bank.npy"

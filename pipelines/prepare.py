@@ -42,6 +42,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from ddeseg.config import Config, to_dict
+from ddeseg.data import schema
+from ddeseg.data.schema import SampleMeta, encode_array, encode_mask
+from ddeseg.errors import DataError
 from ddeseg.pipelines.bboxes import export_bbox_json, sounding_boxes
 from ddeseg.pipelines.records import ALL_TASKS, SPLITS, FrameRef, RecordError, Reject
 from ddeseg.pipelines.shards import (
@@ -56,11 +61,6 @@ from ddeseg.pipelines.shards import (
     write_tar,
 )
 from ddeseg.pipelines.sources.common import Source, open_source
-
-from ddeseg.config import Config, to_dict
-from ddeseg.data import schema
-from ddeseg.data.schema import SampleMeta, encode_array, encode_mask
-from ddeseg.errors import DataError
 
 ON_ERROR = ("skip", "fail")
 FORMAT_VERSION = 1  # bump when the bytes of a sample change for the same inputs

@@ -29,9 +29,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ddeseg.pipelines.records import FrameRef
-
 from ddeseg.data.schema import SHARD_NAME
+from ddeseg.pipelines.records import FrameRef
 
 STATE_DIR = ".prepare"
 TAR_OWNER = "ddeseg"
@@ -227,7 +226,6 @@ def dump_sample(shards_dir: Path, key: str, out_dir: Path) -> list[Path]:
 
     import numpy as np
     import soundfile
-    from ddeseg.pipelines.records import avss_palette
     from PIL import Image, ImageDraw
 
     from ddeseg.data.schema import (
@@ -243,6 +241,7 @@ def dump_sample(shards_dir: Path, key: str, out_dir: Path) -> list[Path]:
         decode_mask,
         image_member,
     )
+    from ddeseg.pipelines.records import avss_palette
 
     sample, _ = find_sample(shards_dir, key)
     meta = SampleMeta.from_json(sample[META])

@@ -10,6 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from webdataset import TarWriter
+
+from ddeseg.data import schema
+from ddeseg.data.schema import SampleMeta, encode_array
+from ddeseg.errors import DDESegError
 from ddeseg.pipelines.memory_bank import (
     BANK_FILE,
     BANK_JSON,
@@ -23,11 +28,6 @@ from ddeseg.pipelines.memory_bank import (
     state_dict_fingerprint,
     write_embeddings_cache,
 )
-from webdataset import TarWriter
-
-from ddeseg.data import schema
-from ddeseg.data.schema import SampleMeta, encode_array
-from ddeseg.errors import DDESegError
 
 # --------------------------------------------------------------------------------------------
 # Helpers

@@ -19,10 +19,6 @@ import pytest
 import soundfile
 import torch
 import torchaudio
-from ddeseg.pipelines.prepare import PrepareOptions, prepare
-from ddeseg.pipelines.records import SOUNDING_OBJECT, VPO_CLASSES
-from ddeseg.pipelines.shards import read_samples
-from ddeseg.pipelines.sources.synthetic import generate
 from PIL import Image
 
 from ddeseg.config import Config
@@ -39,6 +35,10 @@ from ddeseg.data.schema import (
     sample_key,
     task_label_lut,
 )
+from ddeseg.pipelines.prepare import PrepareOptions, prepare
+from ddeseg.pipelines.records import SOUNDING_OBJECT, VPO_CLASSES
+from ddeseg.pipelines.shards import read_samples
+from ddeseg.pipelines.sources.synthetic import generate
 
 SEED = 11
 SIZE = 48

@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from ddeseg.pipelines.prepare import PrepareOptions, prepare
-from ddeseg.pipelines.sources.synthetic import generate
 from PIL import Image
 
 from ddeseg.config import Config
 from ddeseg.data.schema import sample_key
 from ddeseg.errors import DataError
+from ddeseg.pipelines.prepare import PrepareOptions, prepare
+from ddeseg.pipelines.sources.synthetic import generate
 
 CLI = [sys.executable, "-m", "ddeseg", "prepare"]
 

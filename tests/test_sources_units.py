@@ -8,6 +8,9 @@ import json
 import numpy as np
 import pytest
 import soundfile
+from PIL import Image
+
+from ddeseg.data.schema import IGNORE_INDEX, task_label_lut
 from ddeseg.pipelines.bboxes import box_of, export_bbox_json, sounding_boxes
 from ddeseg.pipelines.records import (
     AVSS_CLASSES,
@@ -30,9 +33,6 @@ from ddeseg.pipelines.sources.common import (
     read_image,
     safe_path,
 )
-from PIL import Image
-
-from ddeseg.data.schema import IGNORE_INDEX, task_label_lut
 
 
 def png(array: np.ndarray, mode: str | None = None) -> Image.Image:
@@ -233,10 +233,9 @@ def test_tar_bytes_are_deterministic_and_read_back(tmp_path):
 def test_digital_silence_under_a_sounding_mask_is_rejected(tmp_path):
     """An all-zero wav is fine for frames with an empty mask (silent) and a reject for frames
     whose mask has sounding pixels (silent by error)."""
+    from ddeseg.config import Config
     from ddeseg.pipelines.records import FrameRecord, Reject
     from ddeseg.pipelines.sources.common import open_source
-
-    from ddeseg.config import Config
 
     root = tmp_path / "avss"
     video = root / "v2" / "vid"
@@ -263,10 +262,9 @@ def test_digital_silence_under_a_sounding_mask_is_rejected(tmp_path):
 def test_s4_categories_map_to_avss_names_or_become_extra_classes(tmp_path):
     """Original S4 (binary masks, no label2idx): `dog_barking` is the AVSS `dog`, a category with
     no clear AVSS name keeps its own (extra) class; train frames 2..5 have no mask."""
+    from ddeseg.config import Config
     from ddeseg.pipelines.records import FrameRecord
     from ddeseg.pipelines.sources.common import open_source
-
-    from ddeseg.config import Config
 
     base = tmp_path / "Single-source"
     rows = ["name,start,category,split"]

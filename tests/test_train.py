@@ -98,7 +98,7 @@ def test_schedule_warms_up_then_decays_to_min_lr(micro_config_overrides):
     assert learning_rate_factor(10, config) == pytest.approx(1.0)
     assert learning_rate_factor(100, config) * base == pytest.approx(config.train.min_lr)
     factors = [learning_rate_factor(s, config) for s in range(10, 101)]
-    assert all(a >= b for a, b in zip(factors, factors[1:]))
+    assert all(a >= b for a, b in zip(factors, factors[1:], strict=False))
 
 
 def test_torchrun_two_cpu_ranks_take_equal_steps(tmp_path, prepared_synthetic, bank_path, micro_config_overrides):

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from ddeseg.errors import DataError
 from ddeseg.pipelines.records import (
     AVSS_TASKS,
     S4_TO_AVSS,
@@ -37,8 +38,6 @@ from ddeseg.pipelines.records import (
     Reject,
 )
 from ddeseg.pipelines.sources.common import Source, find_file, join, read_csv, read_csv_dicts, relative
-
-from ddeseg.errors import DataError
 
 FRAMES_PER_SUBSET = {"v1s": 5, "v1m": 5, "v2": 10}
 OBJECT_FRAMES = 5

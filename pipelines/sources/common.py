@@ -23,6 +23,11 @@ from typing import Any
 import numpy as np
 import soundfile
 import soxr
+from PIL import Image, UnidentifiedImageError
+
+from ddeseg.config import Config
+from ddeseg.data.schema import IGNORE_INDEX
+from ddeseg.errors import DataError
 from ddeseg.pipelines.records import (
     AudioSpec,
     ClassList,
@@ -33,11 +38,6 @@ from ddeseg.pipelines.records import (
     Reject,
     avss_palette,
 )
-from PIL import Image, UnidentifiedImageError
-
-from ddeseg.config import Config
-from ddeseg.data.schema import IGNORE_INDEX
-from ddeseg.errors import DataError
 
 # layout name -> "module:Class"; imported on demand so that one reader's import cost or error
 # does not reach the others.
@@ -226,8 +226,16 @@ def decode_index_mask(
     return mapped.astype(np.uint8)
 
 
-def _mono(data: np.ndarray) -> np.ndarray:
+def mix_to_mono(data: np.ndarray) -> np.ndarray:
+    """float32 `[samples, channels]` -> float32 `[samples]`, the mean of the channels."""
     return data.mean(axis=1, dtype=np.float64).astype(np.float32) if data.shape[1] > 1 else data[:, 0]
+
+
+def resample(wave: np.ndarray, rate: int, sample_rate: int) -> np.ndarray:
+    """Mono float32 `[samples]` from `rate` to `sample_rate` Hz with soxr's HQ filter (as is when equal)."""
+    if rate == sample_rate:
+        return wave
+    return soxr.resample(wave, rate, sample_rate, quality="HQ").astype(np.float32)
 
 
 def read_wav(
@@ -252,7 +260,7 @@ def read_wav(
     if data.shape[0] == 0:
         where = f" at second {spec.start_s:g}" if spec.window == "second" else ""
         raise RecordError(relative_path, f"empty audio{where}")
-    wave = _mono(data)
+    wave = mix_to_mono(data)
     if not np.isfinite(wave).all():
         raise RecordError(relative_path, "audio has NaN or infinite samples")
     if spec.window == "centre":
@@ -260,9 +268,7 @@ def read_wav(
         length = int(round(spec.crop_s * rate))
         start = max(wave.shape[0] // 2 - length // 2, 0)
         wave = wave[start : start + length]
-    if rate != sample_rate:
-        wave = soxr.resample(wave, rate, sample_rate, quality="HQ").astype(np.float32)
-    return wave
+    return resample(wave, rate, sample_rate)
 
 
 def fit_length(wave: np.ndarray, samples: int) -> np.ndarray:

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ddeseg.errors import DataError
 from ddeseg.pipelines.records import (
     AVSS_TASKS,
     SPLITS,
@@ -40,8 +41,6 @@ from ddeseg.pipelines.records import (
 )
 from ddeseg.pipelines.sources.avsbench import read_label2idx
 from ddeseg.pipelines.sources.common import Source, find_file, join, read_csv, relative
-
-from ddeseg.errors import DataError
 
 AVSS_CSV = "metadata_w_silent.csv"
 VPO_CSV = "vpo_data_clean.csv"

@@ -83,11 +83,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ddeseg.errors import DDESegError
 from ddeseg.pipelines.records import AVSS_TASKS, COCO_TO_VPO, SPLITS, VPO_CLASSES, VPO_TASKS, avss_palette
 from ddeseg.pipelines.sources import synthetic_layouts as layouts
 from ddeseg.pipelines.sources import synthetic_scenes as scenes
-
-from ddeseg.errors import DDESegError
 
 LAYOUTS = ("avsbench", "ddeseg", "vpo")
 LAYOUT_TASKS = {"avsbench": AVSS_TASKS, "ddeseg": AVSS_TASKS + VPO_TASKS, "vpo": VPO_TASKS}

@@ -29,11 +29,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ddeseg.pipelines.records import COCO_TO_VPO, SPLITS, VPO_TASKS, AudioSpec, FrameRef, MaskSpec, Reject
-from ddeseg.pipelines.sources.common import Source, join, read_csv_dicts, relative, safe_path
-
 from ddeseg.data.schema import IGNORE_INDEX
 from ddeseg.errors import DataError
+from ddeseg.pipelines.records import COCO_TO_VPO, SPLITS, VPO_TASKS, AudioSpec, FrameRef, MaskSpec, Reject
+from ddeseg.pipelines.sources.common import Source, join, read_csv_dicts, relative, safe_path
 
 CSV_NAMES = {
     "VPO-SS": "vpo_ss_data_stereo.csv",
