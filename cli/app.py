@@ -28,6 +28,7 @@ from ddeseg.cli import memory_bank  # noqa: F401
 from ddeseg.cli import train  # noqa: F401
 from ddeseg.cli import evaluate  # noqa: F401
 from ddeseg.cli import demo  # noqa: F401
+from ddeseg.cli import predict  # noqa: F401
 
 
 def main() -> None:
