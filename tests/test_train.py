@@ -121,3 +121,27 @@ def test_torchrun_two_cpu_ranks_take_equal_steps(tmp_path, prepared_synthetic, b
     assert end and end[0]["steps"] == 6
     checkpoint = load_training_checkpoint(run / "last.pt")
     assert checkpoint["step"] == 6 and isinstance(checkpoint["rng"], list) and len(checkpoint["rng"]) == 2
+
+
+def test_ctrl_c_saves_last_checkpoint_and_says_how_to_resume(tmp_path, prepared_synthetic, bank_path, micro_config_overrides):
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "ddeseg", "train", "--config", str(prepared_synthetic.config),
+        "--shards", str(prepared_synthetic.shards), "--memory-bank", str(bank_path), "--out", str(run),
+        "--steps", "100000", "--device", "cpu",
+    ]
+    for item in micro_config_overrides + ["train.eval_every=100000", "train.checkpoint_every=100000"]:
+        command += ["--set", item]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().strip()):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    checkpoint = load_training_checkpoint(run / "last.pt")
+    assert 2 <= checkpoint["step"] < 100000
+    assert "continue with --resume latest" in stderr.replace("\n", " ")
