@@ -77,6 +77,12 @@ def prepare_command(
     device: str | None = typer.Option(
         None, "--device", help="Log-mel device (cpu, cuda, cuda:N); default: the GPU when present."
     ),
+    audio_checkpoint: Path | None = typer.Option(
+        None,
+        "--audio-checkpoint",
+        dir_okay=False,
+        help="HTS-AT or full DDESeg checkpoint whose mel filterbank (logmel_extractor.melW, and STFT kernels) makes the log-mels instead of the config's. Use it with the checkpoint you will pass to `ddeseg train --init` or `build-memory-bank --audio-checkpoint`: the official model's filterbank comes from the HTS-AT checkpoint (its yaml's fmax 50 gives NaNs), and loading it replaces the model's. Not needed for `ddeseg pretrain-audio` checkpoints (they carry the config's filterbank).",
+    ),
     override: list[str] = typer.Option(
         [], "--set", help="Config override, e.g. --set data.samples_per_shard=512 (repeatable)."
     ),
@@ -109,6 +115,7 @@ def prepare_command(
         overwrite=overwrite,
         export_bbox_json=export_bbox_json,
         device=device,
+        audio_checkpoint=audio_checkpoint,
         source_options={"part": avsbench_part.value} if layout is Layout.avsbench else {},
         progress=not quiet,
     )

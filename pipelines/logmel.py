@@ -3,29 +3,99 @@
 There is exactly one log-mel implementation in ddeseg, `ddeseg.models.frontend.LogMelFrontend`
 (the model runs it on raw waveforms); prepare runs the same module on batches of clips, on the
 GPU when there is one, and stores the result as float16 `[frames, mel_bins]` per sample.
+
+Its mel filterbank is the config's (`model.frontend`), or the one stored in an audio checkpoint
+(`prepare_frontend(cfg, audio_checkpoint)`): the official model gets its filterbank from the
+HTS-AT checkpoint it loads, so shards it reads must be made with that filterbank.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from ddeseg.config import FrontendConfig
+from ddeseg.models.frontend import LogMelFrontend
 
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def prepare_frontend(
+    cfg: FrontendConfig, audio_checkpoint: str | Path | None = None
+) -> tuple[LogMelFrontend, dict[str, Any]]:
+    """The front end `prepare` computes log-mels with, and its `prepare.json` entry.
+
+    Args:
+        cfg: the config's front end (STFT size, hop, mel bins, and the filterbank when no
+            checkpoint is given).
+        audio_checkpoint: an HTS-AT or full DDESeg checkpoint whose `logmel_extractor.melW` (and
+            STFT kernels, where present) replace the config's, as `load_checkpoint` does for the
+            model. Its filterbank must have the config's shape `[n_fft/2+1, mel_bins]`.
+    Returns:
+        `(frontend, entry)`: entry holds `source` ("config" or the checkpoint's absolute path),
+        `filterbank_sha256` (`filterbank_fingerprint` of the melW used), `stft` ("config" or
+        "checkpoint") and `stft_sha256` (the same hash over the real then imaginary kernels).
+        Raises `CheckpointError` for a checkpoint without a filterbank or of another shape.
+    """
+    from ddeseg.errors import CheckpointError
+    from ddeseg.models.checkpoint import frontend_state_from_checkpoint
+    from ddeseg.models.frontend import filterbank_fingerprint
+
+    frontend = LogMelFrontend(cfg)
+    stft_from = "config"
+    if audio_checkpoint is not None:
+        stored = frontend_state_from_checkpoint(audio_checkpoint)
+        own = frontend.state_dict()
+        for key, value in stored.items():
+            if key not in own:
+                continue
+            if tuple(value.shape) != tuple(own[key].shape):
+                raise CheckpointError(
+                    f"{audio_checkpoint}: {key} has shape {list(value.shape)} but the config's front end "
+                    f"(n_fft {cfg.n_fft}, mel_bins {cfg.mel_bins}) needs {list(own[key].shape)}; "
+                    "set model.frontend.n_fft / mel_bins to the checkpoint's"
+                )
+            if not bool(torch.isfinite(value).all()):
+                raise CheckpointError(
+                    f"{audio_checkpoint}: {key} holds NaN or infinite values (see the fmax note in "
+                    "configs/README.md); use the HTS-AT checkpoint the model loads"
+                )
+            with torch.no_grad():
+                own[key].copy_(value.to(own[key].dtype))
+            if key.startswith("spectrogram_extractor."):
+                stft_from = "checkpoint"
+    stft = frontend.spectrogram_extractor.stft
+    entry = {
+        "source": "config" if audio_checkpoint is None else str(Path(audio_checkpoint).resolve()),
+        "filterbank_sha256": filterbank_fingerprint(frontend.logmel_extractor.melW),
+        "stft": stft_from,
+        "stft_sha256": filterbank_fingerprint(torch.cat([stft.conv_real.weight, stft.conv_imag.weight])),
+    }
+    return frontend, entry
+
+
 class LogMelBatcher:
-    """`batcher(audio float32 [N, samples]) -> float16 [N, frames, mel_bins]`, `batch_size` at a time."""
+    """`batcher(audio float32 [N, samples]) -> float16 [N, frames, mel_bins]`, `batch_size` at a time.
 
-    def __init__(self, frontend: FrontendConfig, device: str | None = None, batch_size: int | None = None):
-        from ddeseg.models.frontend import LogMelFrontend
+    `frontend`: a front end config (its filterbank is built) or a ready `LogMelFrontend` (e.g.
+    from `prepare_frontend`), which is moved to `device`.
+    """
 
+    def __init__(
+        self,
+        frontend: FrontendConfig | LogMelFrontend,
+        device: str | None = None,
+        batch_size: int | None = None,
+    ):
         self.device = torch.device(device or default_device())
         self.batch_size = batch_size or (256 if self.device.type == "cuda" else 64)
-        self.module = LogMelFrontend(frontend).to(self.device).eval()
+        module = frontend if isinstance(frontend, LogMelFrontend) else LogMelFrontend(frontend)
+        self.module = module.to(self.device).eval()
 
     @torch.inference_mode()
     def __call__(self, audio: np.ndarray) -> np.ndarray:

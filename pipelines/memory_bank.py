@@ -593,9 +593,14 @@ _AUDIO_MODULE_NAMES = ("audio_backbone", "audio_model", "audio")
 
 
 def load_audio_embedder(
-    config: Config, audio_checkpoint: str | Path | None, device: str | torch.device
+    config: Config,
+    audio_checkpoint: str | Path | None,
+    device: str | torch.device,
+    shards_dir: str | Path | None = None,
 ) -> AudioEmbedder:
-    """Build the model of `config`, load `audio_checkpoint`, freeze it: `model.embed_audio`."""
+    """Build the model of `config`, load `audio_checkpoint`, freeze it: `model.embed_audio`.
+    With `shards_dir`, refuse shards whose log-mels were made with another filterbank."""
+    from ddeseg.data.shards import check_frontend
     from ddeseg.models import build_model, load_checkpoint
 
     model = build_model(config.model)
@@ -608,6 +613,8 @@ def load_audio_embedder(
             MemoryBankWarning,
             stacklevel=2,
         )
+    if shards_dir is not None:
+        check_frontend(shards_dir, model, checkpoint=audio_checkpoint)
     model.eval().requires_grad_(False).to(device)
     audio, name = model, "model"
     for candidate in _AUDIO_MODULE_NAMES:
@@ -744,7 +751,7 @@ def build_memory_bank(
             )
         expected = embed_fingerprint
         if expected is None and embed_fn is None and audio_checkpoint is not None:
-            expected = load_audio_embedder(config, audio_checkpoint, torch_device).fingerprint
+            expected = load_audio_embedder(config, audio_checkpoint, torch_device, shards_dir).fingerprint
         if expected is not None and expected != cached.get("fingerprint"):
             raise DDESegError(
                 f"{cache_path} was embedded by model {cached.get('fingerprint')!r}, not the requested "
@@ -757,7 +764,7 @@ def build_memory_bank(
         if embed_fn is not None:
             embedder = AudioEmbedder(embed_fn, embed_fingerprint or "unknown (embed_fn given)", "embed_fn")
         else:
-            embedder = load_audio_embedder(config, audio_checkpoint, torch_device)
+            embedder = load_audio_embedder(config, audio_checkpoint, torch_device, shards_dir)
         table = embed_shards(
             shard_paths,
             embedder.embed_fn,

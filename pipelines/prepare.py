@@ -3,7 +3,7 @@
     SHARDS_DIR/{task}/{split}/shard-%06d.tar   samples (`ddeseg.data.schema`)
     SHARDS_DIR/manifest.parquet                 one row per sample
     SHARDS_DIR/classes.json                     unified class list + task protocols
-    SHARDS_DIR/prepare.json                     resolved config, counts, rejects, versions, time
+    SHARDS_DIR/prepare.json                     resolved config, front end, counts, rejects, versions, time
     SHARDS_DIR/rejects.jsonl                    one line per rejected frame or row (empty if none)
     SHARDS_DIR/bbox/*_bbox_orisize.json         with `export_bbox_json` (the official form)
 
@@ -12,10 +12,22 @@ shards (sorted, fixed-size chunks per task/split) -> for each unfinished shard: 
 every frame (worker processes), compute the log-mel of the whole shard in batches with the
 model's front end (main process, GPU when present), write the tar -> assemble the manifest.
 
+The log-mel filterbank: the config's (`model.frontend`), or with `audio_checkpoint` (`ddeseg prepare
+--audio-checkpoint CKPT`) the `logmel_extractor.melW` (and STFT kernels) stored in an HTS-AT or full
+DDESeg checkpoint. That option exists because the official DDESeg model does not use its config's
+filterbank (its yaml's `fmax: 50` gives NaNs, see "the fmax note" in configs/README.md): loading the
+HTS-AT checkpoint replaces it (`load_checkpoint`), so shards for a model initialised from that
+checkpoint (`ddeseg train --init`, `build-memory-bank --audio-checkpoint`) must be made with the
+checkpoint's filterbank, or the model sees log-mels of another filterbank. `prepare.json` records the
+one used under `frontend` (`source`, `filterbank_sha256` = `filterbank_fingerprint(melW)`, ...), and
+`ShardIndex.check_frontend(model)` compares it with a model's before it reads the log-mels. Our own
+`pretrain-audio` checkpoints carry the config's filterbank: no option needed for them.
+
 Idempotent: a re-run keeps every shard whose tar and inputs are unchanged (verified by its
-sha256 and input fingerprint) and writes the rest; `overwrite` starts from scratch. The output
-bytes do not depend on `workers`. An output folder holds one run: shards that the current plan
-does not have (other tasks, an older shard size) are deleted.
+sha256 and input fingerprint, which covers the filterbank: another one rebuilds every shard) and
+writes the rest; `overwrite` starts from scratch. The output bytes do not depend on `workers`.
+An output folder holds one run: shards that the current plan does not have (other tasks, an
+older shard size) are deleted.
 
 Rejects (`rejects.jsonl`, one json object per line: `key` (null for a metadata row), `path`
 relative to the raw root (`file.csv:LINE` for a row), `reason`): a missing, unreadable or
@@ -101,6 +113,7 @@ class PrepareOptions:
     overwrite: bool = False
     export_bbox_json: bool = False
     device: str | None = None  # log-mel device; None: cuda when available
+    audio_checkpoint: Path | None = None  # HTS-AT / full checkpoint whose filterbank makes the log-mels
     source_options: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
 
@@ -365,11 +378,16 @@ def _write_manifest(out: Path, rows: list[dict[str, Any]]) -> None:
     temporary.replace(out / schema.MANIFEST_FILE)
 
 
-def _shard_settings(config: Config, options: PrepareOptions, source: Source) -> dict[str, Any]:
+def _shard_settings(
+    config: Config, options: PrepareOptions, source: Source, frontend: dict[str, Any]
+) -> dict[str, Any]:
     return {
         "format": FORMAT_VERSION,
         "layout": options.layout,
         "frontend": to_dict(config.model.frontend),
+        # what the log-mels are made with, not where it came from: a moved checkpoint keeps shards
+        "filterbank_sha256": frontend["filterbank_sha256"],
+        "stft_sha256": frontend["stft_sha256"],
         "clip_seconds": config.data.clip_seconds,
         "vpo_audio": config.data.vpo_audio,
         "classes": source.classes.names,
@@ -378,7 +396,8 @@ def _shard_settings(config: Config, options: PrepareOptions, source: Source) -> 
 
 def prepare(options: PrepareOptions, config: Config | None = None) -> PrepareResult:
     """Run the stage (see the module docstring). Raises `DataError` for unusable input, and for
-    the first rejected frame when `options.on_error == "fail"`."""
+    the first rejected frame when `options.on_error == "fail"`; `CheckpointError` for an
+    `audio_checkpoint` without a usable filterbank (none, NaN, or not the config's shape)."""
     started = time.perf_counter()
     config = config or Config()
     if options.on_error not in ON_ERROR:
@@ -391,6 +410,9 @@ def prepare(options: PrepareOptions, config: Config | None = None) -> PrepareRes
     source = open_source(options.layout, options.root, options.tasks, config, options.source_options)
     if out.resolve() == source.root or source.root.is_relative_to(out.resolve()):
         raise DataError(f"output {out} must not contain the dataset root {source.root}")
+    from ddeseg.pipelines.logmel import LogMelBatcher, prepare_frontend  # torch: main process only
+
+    frontend, frontend_entry = prepare_frontend(config.model.frontend, options.audio_checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     if options.overwrite:
         _clear_outputs(out)
@@ -401,7 +423,7 @@ def prepare(options: PrepareOptions, config: Config | None = None) -> PrepareRes
         stage.close("scan")
         jobs = plan_shards(refs, config.data.samples_per_shard)
         remove_stale(out, jobs, ALL_TASKS, SPLITS)
-        settings = _shard_settings(config, options, source)
+        settings = _shard_settings(config, options, source, frontend_entry)
         fingerprints = {job.name: fingerprint(job, source.root, settings) for job in jobs}
         states: dict[str, dict[str, Any]] = {}
         todo = []
@@ -418,9 +440,7 @@ def prepare(options: PrepareOptions, config: Config | None = None) -> PrepareRes
             for reject in shard_rejects:
                 _fail_or_record(reject, options.on_error, source.root)
             if logmel is None and samples:
-                from ddeseg.pipelines.logmel import LogMelBatcher
-
-                logmel = LogMelBatcher(config.model.frontend, options.device)
+                logmel = LogMelBatcher(frontend, options.device)
             states[job.name] = _write_shard(out, job, samples, shard_rejects, logmel, fingerprints[job.name])  # type: ignore[arg-type]
 
         rows: list[dict[str, Any]] = []
@@ -458,6 +478,7 @@ def prepare(options: PrepareOptions, config: Config | None = None) -> PrepareRes
         "tasks": tasks,
         "source": source.describe(),
         "config": to_dict(config),
+        "frontend": frontend_entry,
         "counts": counts,
         "samples": len(rows),
         "unannotated": result.unannotated,

@@ -476,6 +476,7 @@ def run_evaluation(request: EvaluateRequest, context: DistributedContext) -> dic
         raise DDESegError(f"--audio-control {request.audio_control!r} is not one of {', '.join(AUDIO_CONTROLS)}")
     index = ShardIndex(request.shards_dir)
     model, config, info = load_for_evaluation(request)
+    index.check_frontend(model, checkpoint=request.checkpoint)  # shards' log-mels vs the model's filterbank
     task, split = config.task, request.split
     classes = json.loads((index.root / "classes.json").read_text())
     if task not in classes.get("tasks", {}):

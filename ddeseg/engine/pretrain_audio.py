@@ -135,6 +135,7 @@ def pretrain_audio(config: Config, shards_dir: Path, out_dir: Path, device: torc
         else None
     )
     audio_model = build_model(config.model).audio_model.to(device)
+    index.check_frontend(audio_model)  # the shards' log-mels must be this front end's
     audio_model.requires_grad_(True)
     # The STFT kernels and mel filterbank are DSP constants, not weights to learn.
     audio_model.spectrogram_extractor.requires_grad_(False)

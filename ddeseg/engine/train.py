@@ -149,8 +149,10 @@ def train(config: Config, request: TrainRequest, context: DistributedContext) ->
             f" `ddeseg build-memory-bank --task {config.task}` on these shards"
         )
     model.set_memory_bank(bank)  # checks the embedding dim against the model
+    filterbank_from = None
     for path in request.init_checkpoints:
         report = load_checkpoint(model, path)
+        filterbank_from = path if report.filterbank_replaced else filterbank_from
         if context.is_main:
             console.print(f"[bold]init[/] {path}: {report.summary()}")
     model.to(device)
@@ -171,6 +173,9 @@ def train(config: Config, request: TrainRequest, context: DistributedContext) ->
         restore_rng_state(payload["rng"][context.rank] if isinstance(payload["rng"], list) else payload["rng"])
         if context.is_main:
             console.print(f"[bold]resumed[/] from {resume_path} at step {step}")
+    # The shards' log-mels must come from the filterbank the model now carries (an HTS-AT
+    # checkpoint brings its own): refuse to train on log-mels made with another one.
+    index.check_frontend(model, checkpoint=filterbank_from)
     # find_unused_parameters: the official aligners hold projections and norms that the forward
     # never uses (kept so official checkpoints load strictly); DDP must not wait for their grads.
     train_model = (

@@ -188,3 +188,28 @@ def load_checkpoint(
         report.loaded.insert(0, bank_key)
     report.filterbank_replaced = any(key.endswith("logmel_extractor.melW") for key in accepted)
     return report
+
+
+def frontend_state_from_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """The audio front end stored in an HTS-AT or full DDESeg checkpoint (any format above,
+    with or without `module.`), keyed as in `LogMelFrontend.state_dict()`.
+
+    Returns `logmel_extractor.melW` `[n_fft/2+1, mel_bins]` and, where the file has them, the STFT
+    kernels `spectrogram_extractor.stft.conv_{real,imag}.weight`: what `load_checkpoint` would put
+    into the model's front end. Raises `CheckpointError` when the file has no filterbank.
+    """
+    source = str(path)
+    state = _state_dict_of(read_checkpoint_file(path), source)
+    fmt, _, names, _ = _translate(state, source)
+    prefix = "audio_model."
+    frontend = {
+        key[len(prefix) :]: state[file_key].detach().clone()
+        for key, file_key in names.items()
+        if key.startswith(prefix + "logmel_extractor.") or key.startswith(prefix + "spectrogram_extractor.")
+    }
+    if "logmel_extractor.melW" not in frontend:
+        raise CheckpointError(
+            f"{source}: a {fmt} checkpoint without an audio front end (no logmel_extractor.melW); "
+            "pass an HTS-AT or full DDESeg checkpoint, or leave the filterbank to the config"
+        )
+    return frontend

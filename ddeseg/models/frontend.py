@@ -19,6 +19,8 @@ replaces `melW` with the checkpoint's filterbank (see `configs/README.md`, "the 
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -32,6 +34,16 @@ AMIN = 1e-10  # floor of the mel power before the log
 def frames_for(cfg: FrontendConfig, num_samples: int) -> int:
     """Number of log-mel frames the front end makes from `num_samples` samples (centred STFT)."""
     return num_samples // cfg.hop_length + 1
+
+
+def filterbank_fingerprint(melW: torch.Tensor) -> str:
+    """sha256 (hex) of a mel filterbank `[n_fft/2+1, mel_bins]` as C-ordered float32 bytes.
+
+    `prepare.json` records it for the filterbank its log-mels were made with, and readers
+    compare it with the model's `logmel_extractor.melW` (`ShardIndex.check_frontend`).
+    """
+    array = melW.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
+    return hashlib.sha256(array.tobytes()).hexdigest()
 
 
 def hann_dft_kernels(n_fft: int) -> tuple[np.ndarray, np.ndarray]:
