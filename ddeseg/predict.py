@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -75,6 +74,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ddeseg.config import Config
 from ddeseg.data.augment import preprocess_for_model
 from ddeseg.errors import DDESegError
+from ddeseg.fileio import building_directory
 from ddeseg.visualize import overlay, voc_palette
 
 PREDICTIONS_VERSION = 1
@@ -894,7 +894,6 @@ def predict_to_directory(
     path, out_dir = Path(path), Path(out_dir)
     info = probe_video(path, allow_no_audio)
     origin_s = _first_video_time(path)
-    temporary = out_dir.with_name(f".{out_dir.name}.partial")
     palette = voc_palette()
     audio_note = None if info.has_audio else "no audio: silence"
     task = None
@@ -903,67 +902,60 @@ def predict_to_directory(
     frames: list[dict[str, Any]] = []
     seen: dict[str, list[float]] = {}
     try:
-        if temporary.exists():
-            shutil.rmtree(temporary)
-        (temporary / MASKS_DIR).mkdir(parents=True)
-        (temporary / OVERLAYS_DIR).mkdir()
-        writer = OverlayVideoWriter(
-            temporary / OVERLAY_VIDEO, frames_per_second, path if info.has_audio else None, origin_s
-        )
-        finished = False
-        try:
-            for prediction in predict_video(
-                path, model, config, class_names,
-                frames_per_second=frames_per_second, batch_size=batch_size, allow_no_audio=allow_no_audio,
-            ):
-                name = frame_name(prediction.index)
-                Image.fromarray(prediction.mask, mode="L").save(temporary / MASKS_DIR / name, optimize=False)
-                picture = overlay_with_legend(prediction, palette, audio_note)
-                # Fast compression: the overlays are pictures to look at, written once per frame.
-                Image.fromarray(picture, mode="RGB").save(temporary / OVERLAYS_DIR / name, compress_level=1)
-                writer.write(picture)
-                frames.append(prediction.to_json())
-                for entry in prediction.classes:
-                    seen.setdefault(entry["name"], []).append(entry["pixel_fraction"])
-                if progress is not None:
-                    progress.advance(task)
-            finished = True
-        finally:
-            writer.close(finish=finished)
-        audio_sources = sorted({frame["audio"] for frame in frames})
-        summary = {
-            name: {"frames": len(fractions), "mean_pixel_fraction": round(float(np.mean(fractions)), 6)}
-            for name, fractions in sorted(seen.items(), key=lambda item: (-len(item[1]), item[0]))
-        }
-        document = {
-            "version": PREDICTIONS_VERSION,
-            "video": str(path),
-            "checkpoint": checkpoint,
-            "width": info.width,
-            "height": info.height,
-            "duration_s": info.duration_s,
-            "frames_per_second": frames_per_second,
-            "audio": {
-                "track": info.has_audio,
-                "silence": not info.has_audio,
-                "note": None if info.has_audio else "the video has no audio track: predicted with silence (--allow-no-audio)",
-                "sources": audio_sources,
-                "overlay_mp4": ("copied" if writer.audio_copied else "re-encoded to AAC") if info.has_audio else None,
-                "window": f"frame k at time_s = k / {frames_per_second:g} hears [time_s, time_s + {config.data.clip_seconds:g})"
-                " of the track, mono, resampled to the model's rate",
-            },
-            "class_names": list(class_names),
-            "box_format": "[x0, y0, x1, y1] normalised: inclusive pixel indices / width or height",
-            "summary": summary,
-            "frames": frames,
-        }
-        (temporary / PREDICTIONS_FILE).write_text(json.dumps(document, indent=1) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        temporary.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
+        with building_directory(out_dir) as temporary:
+            (temporary / MASKS_DIR).mkdir()
+            (temporary / OVERLAYS_DIR).mkdir()
+            writer = OverlayVideoWriter(
+                temporary / OVERLAY_VIDEO, frames_per_second, path if info.has_audio else None, origin_s
+            )
+            finished = False
+            try:
+                for prediction in predict_video(
+                    path, model, config, class_names,
+                    frames_per_second=frames_per_second, batch_size=batch_size, allow_no_audio=allow_no_audio,
+                ):
+                    name = frame_name(prediction.index)
+                    Image.fromarray(prediction.mask, mode="L").save(temporary / MASKS_DIR / name, optimize=False)
+                    picture = overlay_with_legend(prediction, palette, audio_note)
+                    # Fast compression: the overlays are pictures to look at, written once per frame.
+                    Image.fromarray(picture, mode="RGB").save(temporary / OVERLAYS_DIR / name, compress_level=1)
+                    writer.write(picture)
+                    frames.append(prediction.to_json())
+                    for entry in prediction.classes:
+                        seen.setdefault(entry["name"], []).append(entry["pixel_fraction"])
+                    if progress is not None:
+                        progress.advance(task)
+                finished = True
+            finally:
+                writer.close(finish=finished)
+            audio_sources = sorted({frame["audio"] for frame in frames})
+            summary = {
+                name: {"frames": len(fractions), "mean_pixel_fraction": round(float(np.mean(fractions)), 6)}
+                for name, fractions in sorted(seen.items(), key=lambda item: (-len(item[1]), item[0]))
+            }
+            document = {
+                "version": PREDICTIONS_VERSION,
+                "video": str(path),
+                "checkpoint": checkpoint,
+                "width": info.width,
+                "height": info.height,
+                "duration_s": info.duration_s,
+                "frames_per_second": frames_per_second,
+                "audio": {
+                    "track": info.has_audio,
+                    "silence": not info.has_audio,
+                    "note": None if info.has_audio else "the video has no audio track: predicted with silence (--allow-no-audio)",
+                    "sources": audio_sources,
+                    "overlay_mp4": ("copied" if writer.audio_copied else "re-encoded to AAC") if info.has_audio else None,
+                    "window": f"frame k at time_s = k / {frames_per_second:g} hears [time_s, time_s + {config.data.clip_seconds:g})"
+                    " of the track, mono, resampled to the model's rate",
+                },
+                "class_names": list(class_names),
+                "box_format": "[x0, y0, x1, y1] normalised: inclusive pixel indices / width or height",
+                "summary": summary,
+                "frames": frames,
+            }
+            (temporary / PREDICTIONS_FILE).write_text(json.dumps(document, indent=1) + "\n")
     finally:
         if progress is not None and task is not None:
             progress.update(task, total=len(frames), completed=len(frames))

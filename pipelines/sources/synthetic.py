@@ -73,7 +73,6 @@ import csv
 import io
 import json
 import os
-import shutil
 import string
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -85,6 +84,7 @@ from typing import Any
 import numpy as np
 
 from ddeseg.errors import DDESegError
+from ddeseg.fileio import building_directory
 from ddeseg.pipelines.records import AVSS_TASKS, COCO_TO_VPO, SPLITS, VPO_CLASSES, VPO_TASKS, avss_palette
 from ddeseg.pipelines.sources import synthetic_layouts as layouts
 from ddeseg.pipelines.sources import synthetic_scenes as scenes
@@ -400,8 +400,9 @@ def _class_records(config: SynthConfig) -> list[dict[str, Any]]:
     return records
 
 
-def _prepare_output(out_dir: Path, overwrite: bool) -> Path:
-    """Check `out_dir` and return a fresh temporary sibling to generate into."""
+def _check_output(out_dir: Path, overwrite: bool) -> None:
+    """Refuse an `out_dir` that is a file, or a non-empty folder that is not a synthetic dataset
+    (or is one, without `overwrite`)."""
     if out_dir.exists():
         if not out_dir.is_dir():
             raise DDESegError(f"--out {out_dir} exists and is not a directory")
@@ -413,11 +414,6 @@ def _prepare_output(out_dir: Path, overwrite: bool) -> Path:
                     f"--out {out_dir} is not a synthetic dataset (no {META_NAME}); refusing to delete it"
                 )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out_dir.parent / f".{out_dir.name}.synth-tmp"
-    if temporary.exists():
-        shutil.rmtree(temporary)
-    temporary.mkdir()
-    return temporary
 
 
 def generate(
@@ -467,17 +463,11 @@ def generate(
     if workers < 1:
         raise DDESegError(f"--workers must be at least 1, got {workers}")
     out_dir = Path(out_dir)
-    temporary = _prepare_output(out_dir, overwrite)
+    _check_output(out_dir, overwrite)
     plans = plan_videos(config)
-    try:
+    with building_directory(out_dir, suffix=".synth-tmp") as temporary:
         results = _run(config, plans, temporary, workers, progress)
         _write_tables(config, temporary, plans, results)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        temporary.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
     return out_dir
 
 
