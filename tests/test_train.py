@@ -123,7 +123,10 @@ def test_torchrun_two_cpu_ranks_take_equal_steps(tmp_path, prepared_synthetic, b
     assert checkpoint["step"] == 6 and isinstance(checkpoint["rng"], list) and len(checkpoint["rng"]) == 2
 
 
-def test_ctrl_c_saves_last_checkpoint_and_says_how_to_resume(tmp_path, prepared_synthetic, bank_path, micro_config_overrides):
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_saves_last_checkpoint_and_says_how_to_resume(
+    signal_name, tmp_path, prepared_synthetic, bank_path, micro_config_overrides
+):
     import signal
     import time
 
@@ -135,12 +138,20 @@ def test_ctrl_c_saves_last_checkpoint_and_says_how_to_resume(tmp_path, prepared_
     ]
     for item in micro_config_overrides + ["train.eval_every=100000", "train.checkpoint_every=100000"]:
         command += ["--set", item]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().strip()):
-        time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
+    # A shell without job control starts background jobs with SIGINT ignored, and Python then
+    # never installs its Ctrl-C handler: give the child the default disposition, as a terminal would.
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().strip()):
+            time.sleep(0.2)
+        process.send_signal(getattr(signal, signal_name))
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
     assert process.returncode == 130, stderr[-2000:]
     checkpoint = load_training_checkpoint(run / "last.pt")
     assert 2 <= checkpoint["step"] < 100000

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,7 +246,7 @@ def train(config: Config, request: TrainRequest, context: DistributedContext) ->
     running: dict[str, float] = {}
     interrupted = False
     model.train()
-    with progress:
+    with progress, _sigterm_as_interrupt():
         task_id = progress.add_task("train", total=total_steps, completed=step, loss=float("nan"), lr=0.0, rate=0.0)
         try:
             while step < stop_at:
@@ -320,7 +322,7 @@ def train(config: Config, request: TrainRequest, context: DistributedContext) ->
             interrupted = True
             save("last.pt")
             if context.is_main:
-                console.print(f"[yellow]interrupted[/]: saved {out_dir / 'last.pt'} at step {step}; continue with --resume latest")
+                console.print(f"[yellow]interrupted[/] (Ctrl-C or SIGTERM): saved {out_dir / 'last.pt'} at step {step}; continue with --resume latest")
     barrier()
     skipped = count_data_errors(errors_dir)
     summary = {
@@ -338,6 +340,24 @@ def train(config: Config, request: TrainRequest, context: DistributedContext) ->
     if interrupted:
         raise KeyboardInterrupt
     return summary
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Treat SIGTERM (what schedulers send before preempting a job) like Ctrl-C: save last.pt
+    and stop. Only in the main thread, and the previous handler is restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _scalars(result: dict[str, Any]) -> dict[str, float]:
