@@ -487,18 +487,6 @@ def free_port() -> int:
 
 # Run under torchrun: `ddeseg evaluate` once per argument list (JSON), in one launch of 2 processes.
 # The process group is kept between the commands (re-initialising one under torchrun can hang).
-TORCHRUN_DRIVER = """
-import json, sys
-import ddeseg.distributed
-from ddeseg.cli.app import app
-shutdown = ddeseg.distributed.shutdown_distributed
-ddeseg.distributed.shutdown_distributed = lambda: None
-for args in json.loads(sys.argv[1]):
-    app(args, standalone_mode=False)
-shutdown()
-"""
-
-
 @pytest.mark.slow  # two torchrun processes each import torch and build the model (~15 s on 2 cores)
 def test_torchrun_two_processes_give_the_numbers_of_one(shards, checkpoints, tmp_path):
     """Both tasks (the binary protocol groups frames by video, and videos straddle the ranks)."""
@@ -510,14 +498,14 @@ def test_torchrun_two_processes_give_the_numbers_of_one(shards, checkpoints, tmp
     for task, args in runs.items():
         code, output = run_cli(*args[1:], "--out", str(tmp_path / task / "one"))
         assert code == 0, output
-    driver = tmp_path / "driver.py"
-    driver.write_text(TORCHRUN_DRIVER)
-    launches = json.dumps([[*args, "--out", str(tmp_path / task / "two")] for task, args in runs.items()])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-               "--master-port", str(free_port()), str(driver), launches]
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
-    assert finished.returncode == 0, finished.stderr[-3000:]
+    for task, args in runs.items():
+        # One torchrun per evaluation, through the real entry point (`python -m ddeseg`), as users run it.
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                   "--master-port", str(free_port()), "-m", "ddeseg", *args, "--out", str(tmp_path / task / "two")]
+        finished = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=REPO,
+                                  start_new_session=True)
+        assert finished.returncode == 0, finished.stderr[-3000:]
     for task in runs:
         one, two = read_eval(tmp_path / task / "one"), read_eval(tmp_path / task / "two")
         assert two["counts"]["world_size"] == 2 and one["counts"]["world_size"] == 1
