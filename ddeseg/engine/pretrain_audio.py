@@ -19,6 +19,7 @@ about 11 KB a clip, 0.5 GB for all of AVSS.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -115,6 +116,7 @@ def evaluate_classifier(audio_model: torch.nn.Module, examples: AudioExamples, d
 
 def pretrain_audio(config: Config, shards_dir: Path, out_dir: Path, device: torch.device) -> dict[str, float]:
     """Train `model.audio_model` of `config` on the shards of `config.task`; write `audio.pt`."""
+    config = copy.deepcopy(config)  # derived values below must not leak into the caller's config
     index = ShardIndex(shards_dir)
     names = index.class_names()
     # The task's classes (v2: the AVSS list; VPO-*: the VPO list); binary tasks keep every

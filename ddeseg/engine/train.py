@@ -19,6 +19,7 @@ identical weights (tested on the CPU).
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import signal
 import threading
@@ -121,6 +122,7 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 def train(config: Config, request: TrainRequest, context: DistributedContext) -> dict[str, Any]:
     """Train DDESeg on the shards; returns a summary (best metrics, paths)."""
+    config = copy.deepcopy(config)  # derived values below must not leak into the caller's config
     out_dir = request.out_dir
     device = context.device
     torch.manual_seed(config.train.seed + context.rank)
