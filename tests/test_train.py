@@ -87,7 +87,7 @@ def test_a_truncated_shard_is_skipped_and_reported(tmp_path, prepared_synthetic,
 def test_a_bank_of_the_wrong_shape_is_a_clear_error(tmp_path, prepared_synthetic, micro_config_overrides):
     bank = tmp_path / "bank.npy"
     np.save(bank, np.zeros((5, 2, 192), dtype=np.float32))
-    with pytest.raises(DDESegError, match="needs \\[3 classes"):
+    with pytest.raises(DDESegError, match="has 5 classes, but task v2 of .* needs 3"):
         _train(prepared_synthetic, bank, tmp_path / "run", micro_config_overrides, steps=2)
 
 

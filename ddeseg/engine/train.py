@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from ddeseg.bank import read_memory_bank
 from ddeseg.checkpoint import (
     FORMAT,
     atomic_torch_save,
@@ -144,14 +145,12 @@ def train(config: Config, request: TrainRequest, context: DistributedContext) ->
 
     # ---- model
     model = build_model(config.model)
-    bank = np.load(request.memory_bank, allow_pickle=False)
-    expected_rows = len(index.bank_class_ids(config.task))
-    if bank.ndim != 3 or bank.shape[0] != expected_rows:
-        raise DDESegError(
-            f"memory bank {request.memory_bank} has shape {bank.shape}; task {config.task} of {request.shards_dir}"
-            f" needs [{expected_rows} classes, k, {config.model.audio_embed_dim}]: build it with"
-            f" `ddeseg build-memory-bank --task {config.task}` on these shards"
-        )
+    bank = read_memory_bank(
+        request.memory_bank,
+        classes=len(index.bank_class_ids(config.task)),
+        embed_dim=config.model.audio_embed_dim,
+        task=f"{config.task} of {request.shards_dir}",
+    )
     model.set_memory_bank(bank)  # checks the embedding dim against the model
     filterbank_from = None
     for path in request.init_checkpoints:
