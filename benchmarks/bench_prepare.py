@@ -87,8 +87,8 @@ def bench_logmel(clips: int) -> dict[str, float]:
     import numpy as np
     import torch
 
+    from ddeseg.audio import LogMelBatcher
     from ddeseg.config import FrontendConfig
-    from ddeseg.pipelines.logmel import LogMelBatcher
 
     cfg = FrontendConfig()
     rng = np.random.default_rng(0)

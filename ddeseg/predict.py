@@ -71,8 +71,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from ddeseg.audio import LogMelBatcher, fit_length, mix_to_mono, resample
+from ddeseg.classes import AVSS_CLASSES, VPO_CLASSES
 from ddeseg.config import Config
 from ddeseg.data.augment import preprocess_for_model
+from ddeseg.data.boxes import sounding_boxes
 from ddeseg.errors import DDESegError
 from ddeseg.fileio import building_directory
 from ddeseg.visualize import overlay, voc_palette
@@ -298,8 +301,6 @@ class AudioWindows:
         return True
 
     def window(self, time_s: float) -> tuple[np.ndarray, str]:
-        from ddeseg.pipelines.sources.common import fit_length, mix_to_mono, resample
-
         if self._offset is None and not self._pull():
             return np.zeros(self.clip_samples, dtype=np.float32), SILENCE_AFTER_END
         length = int(round(self.clip_seconds * self.rate))
@@ -486,9 +487,7 @@ def frame_name(index: int) -> str:
 
 def classes_present(mask: np.ndarray, class_names: Sequence[str]) -> tuple[list[dict[str, Any]], list[float] | None]:
     """Per class in `mask` (background excluded): id, name, pixel fraction and normalised box, by id;
-    and the union box. Boxes as `ddeseg.pipelines.bboxes` (inclusive pixel indices / size)."""
-    from ddeseg.pipelines.bboxes import sounding_boxes
-
+    and the union box. Boxes as `ddeseg.data.boxes` (inclusive pixel indices / size)."""
     ids, union_box, boxes = sounding_boxes(mask)
     counts = np.bincount(mask.ravel(), minlength=256)
     entries = [
@@ -530,8 +529,6 @@ def predict_video(
     """
     if batch_size < 1:
         raise DDESegError(f"batch size must be >= 1, got {batch_size}")
-    from ddeseg.pipelines.logmel import LogMelBatcher
-
     model.eval()
     device = next(model.parameters()).device
     # The model's own front end (e.g. a filterbank loaded from a checkpoint), run as prepare runs it.
@@ -772,7 +769,6 @@ def resolve_class_names(config: Config, stored: Sequence[str], classes_file: Pat
     unified list, else the task's known list (binary; AVSS for v2 with 71 classes; VPO with 22).
     """
     from ddeseg.engine.evaluate import task_class_names
-    from ddeseg.pipelines.records import AVSS_CLASSES, VPO_CLASSES
 
     num_classes = config.model.num_classes
     binary = num_classes == 1

@@ -55,12 +55,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ddeseg.classes import ALL_TASKS, SPLITS
 from ddeseg.config import Config, to_dict
 from ddeseg.data import schema
+from ddeseg.data.boxes import sounding_boxes
 from ddeseg.data.schema import SampleMeta, encode_array, encode_mask
 from ddeseg.errors import DataError
-from ddeseg.pipelines.bboxes import export_bbox_json, sounding_boxes
-from ddeseg.pipelines.records import ALL_TASKS, SPLITS, FrameRef, RecordError, Reject
+from ddeseg.pipelines.bboxes import export_bbox_json
+from ddeseg.pipelines.records import FrameRef, RecordError, Reject
 from ddeseg.pipelines.shards import (
     STATE_DIR,
     ShardJob,
@@ -410,7 +412,7 @@ def prepare(options: PrepareOptions, config: Config | None = None) -> PrepareRes
     source = open_source(options.layout, options.root, options.tasks, config, options.source_options)
     if out.resolve() == source.root or source.root.is_relative_to(out.resolve()):
         raise DataError(f"output {out} must not contain the dataset root {source.root}")
-    from ddeseg.pipelines.logmel import LogMelBatcher, prepare_frontend  # torch: main process only
+    from ddeseg.audio import LogMelBatcher, prepare_frontend  # builds torch modules: main process only
 
     frontend, frontend_entry = prepare_frontend(config.model.frontend, options.audio_checkpoint)
     out.mkdir(parents=True, exist_ok=True)

@@ -228,6 +228,7 @@ def dump_sample(shards_dir: Path, key: str, out_dir: Path) -> list[Path]:
     import soundfile
     from PIL import Image, ImageDraw
 
+    from ddeseg.classes import avss_palette
     from ddeseg.data.schema import (
         AUDIO,
         IGNORE_INDEX,
@@ -241,7 +242,6 @@ def dump_sample(shards_dir: Path, key: str, out_dir: Path) -> list[Path]:
         decode_mask,
         image_member,
     )
-    from ddeseg.pipelines.records import avss_palette
 
     sample, _ = find_sample(shards_dir, key)
     meta = SampleMeta.from_json(sample[META])
@@ -322,7 +322,7 @@ def manifest_summary(shards_dir: Path) -> dict[str, Any]:
     )
     prepare_path = shards_dir / PREPARE_FILE
     report = json.loads(prepare_path.read_text()) if prepare_path.is_file() else {}
-    from ddeseg.pipelines.records import ALL_TASKS, SPLITS
+    from ddeseg.classes import ALL_TASKS, SPLITS
 
     def order(item: tuple[tuple[str, str], Any]) -> tuple[int, int, str, str]:
         (task, split), _ = item

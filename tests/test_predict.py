@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from PIL import Image
 from typer.testing import CliRunner
 
+from ddeseg.audio import LogMelBatcher, fit_length
 from ddeseg.checkpoint import FORMAT, atomic_torch_save
+from ddeseg.classes import AVSS_CLASSES
 from ddeseg.cli.app import app
 from ddeseg.config import Config, load_config, to_dict
 from ddeseg.data import schema
@@ -30,9 +32,8 @@ from ddeseg.engine.evaluate import silent_logmel
 from ddeseg.errors import DDESegError
 from ddeseg.metrics import predicted_labels
 from ddeseg.models import build_model
-from ddeseg.pipelines.logmel import LogMelBatcher
-from ddeseg.pipelines.records import AVSS_CLASSES, AudioSpec
-from ddeseg.pipelines.sources.common import fit_length, read_audio
+from ddeseg.pipelines.records import AudioSpec
+from ddeseg.pipelines.sources.common import read_audio
 from ddeseg.predict import (
     AUDIO_PADDED,
     AUDIO_TRACK,

@@ -21,6 +21,7 @@ import torch
 import torchaudio
 from PIL import Image
 
+from ddeseg.classes import SOUNDING_OBJECT, VPO_CLASSES
 from ddeseg.config import Config
 from ddeseg.data.schema import (
     AUDIO,
@@ -36,7 +37,6 @@ from ddeseg.data.schema import (
     task_label_lut,
 )
 from ddeseg.pipelines.prepare import PrepareOptions, prepare
-from ddeseg.pipelines.records import SOUNDING_OBJECT, VPO_CLASSES
 from ddeseg.pipelines.shards import read_samples
 from ddeseg.pipelines.sources.synthetic import generate
 

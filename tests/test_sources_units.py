@@ -10,25 +10,18 @@ import pytest
 import soundfile
 from PIL import Image
 
+from ddeseg.audio import fit_length
+from ddeseg.classes import AVSS_CLASSES, SOUNDING_OBJECT, VPO_CLASSES, avss_palette
+from ddeseg.data.boxes import box_of, sounding_boxes
 from ddeseg.data.schema import IGNORE_INDEX, task_label_lut
-from ddeseg.pipelines.bboxes import box_of, export_bbox_json, sounding_boxes
-from ddeseg.pipelines.records import (
-    AVSS_CLASSES,
-    SOUNDING_OBJECT,
-    VPO_CLASSES,
-    AudioSpec,
-    ClassList,
-    FrameRef,
-    RecordError,
-    avss_palette,
-)
+from ddeseg.pipelines.bboxes import export_bbox_json
+from ddeseg.pipelines.records import AudioSpec, ClassList, FrameRef, RecordError
 from ddeseg.pipelines.shards import plan_shards, read_samples, write_tar
 from ddeseg.pipelines.sources.common import (
     UNKNOWN,
     decode_binary_mask,
     decode_index_mask,
     decode_palette_mask,
-    fit_length,
     read_audio,
     read_image,
     safe_path,

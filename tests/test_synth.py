@@ -13,9 +13,9 @@ import soundfile
 from PIL import Image
 from typer.testing import CliRunner
 
+from ddeseg.classes import COCO_TO_VPO, avss_palette
 from ddeseg.cli.app import app
 from ddeseg.errors import DDESegError
-from ddeseg.pipelines.records import COCO_TO_VPO, avss_palette
 from ddeseg.pipelines.sources.synthetic import META_NAME, generate
 from ddeseg.pipelines.sources.synthetic_scenes import band_energy
 

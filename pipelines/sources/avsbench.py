@@ -25,18 +25,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from ddeseg.classes import AVSS_TASKS, S4_TO_AVSS, SOUNDING_OBJECT, SPLITS
 from ddeseg.errors import DataError
-from ddeseg.pipelines.records import (
-    AVSS_TASKS,
-    S4_TO_AVSS,
-    SOUNDING_OBJECT,
-    SPLITS,
-    AudioSpec,
-    ClassList,
-    FrameRef,
-    MaskSpec,
-    Reject,
-)
+from ddeseg.pipelines.records import AudioSpec, ClassList, FrameRef, MaskSpec, Reject
 from ddeseg.pipelines.sources.common import Source, find_file, join, read_csv, read_csv_dicts, relative
 
 FRAMES_PER_SUBSET = {"v1s": 5, "v1m": 5, "v2": 10}

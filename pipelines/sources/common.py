@@ -15,16 +15,16 @@ from __future__ import annotations
 import csv
 import importlib
 import io
-import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import soundfile
-import soxr
 from PIL import Image, UnidentifiedImageError
 
+from ddeseg.audio import fit_length, mix_to_mono, resample
+from ddeseg.classes import avss_palette
 from ddeseg.config import Config
 from ddeseg.data.schema import IGNORE_INDEX
 from ddeseg.errors import DataError
@@ -36,7 +36,6 @@ from ddeseg.pipelines.records import (
     MaskSpec,
     RecordError,
     Reject,
-    avss_palette,
 )
 
 # layout name -> "module:Class"; imported on demand so that one reader's import cost or error
@@ -226,18 +225,6 @@ def decode_index_mask(
     return mapped.astype(np.uint8)
 
 
-def mix_to_mono(data: np.ndarray) -> np.ndarray:
-    """float32 `[samples, channels]` -> float32 `[samples]`, the mean of the channels."""
-    return data.mean(axis=1, dtype=np.float64).astype(np.float32) if data.shape[1] > 1 else data[:, 0]
-
-
-def resample(wave: np.ndarray, rate: int, sample_rate: int) -> np.ndarray:
-    """Mono float32 `[samples]` from `rate` to `sample_rate` Hz with soxr's HQ filter (as is when equal)."""
-    if rate == sample_rate:
-        return wave
-    return soxr.resample(wave, rate, sample_rate, quality="HQ").astype(np.float32)
-
-
 def read_wav(
     root: Path, relative_path: str, spec: AudioSpec, sample_rate: int, clip_seconds: float
 ) -> np.ndarray:
@@ -269,13 +256,6 @@ def read_wav(
         start = max(wave.shape[0] // 2 - length // 2, 0)
         wave = wave[start : start + length]
     return resample(wave, rate, sample_rate)
-
-
-def fit_length(wave: np.ndarray, samples: int) -> np.ndarray:
-    """Repeat a short clip end to end and cut to `samples` (the official `_wav_repeat`)."""
-    if wave.shape[0] < samples:
-        wave = np.tile(wave, math.ceil(samples / wave.shape[0]))
-    return np.ascontiguousarray(wave[:samples], dtype=np.float32)
 
 
 def read_audio(root: Path, spec: AudioSpec, sample_rate: int, clip_seconds: float) -> np.ndarray:

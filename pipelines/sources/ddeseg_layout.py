@@ -28,17 +28,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ddeseg.classes import AVSS_TASKS, SPLITS, VPO_TASKS
 from ddeseg.errors import DataError
-from ddeseg.pipelines.records import (
-    AVSS_TASKS,
-    SPLITS,
-    VPO_TASKS,
-    AudioSpec,
-    ClassList,
-    FrameRef,
-    MaskSpec,
-    Reject,
-)
+from ddeseg.pipelines.records import AudioSpec, ClassList, FrameRef, MaskSpec, Reject
 from ddeseg.pipelines.sources.avsbench import read_label2idx
 from ddeseg.pipelines.sources.common import Source, find_file, join, read_csv, relative
 

@@ -83,9 +83,9 @@ from typing import Any
 
 import numpy as np
 
+from ddeseg.classes import AVSS_TASKS, COCO_TO_VPO, SPLITS, VPO_CLASSES, VPO_TASKS, avss_palette
 from ddeseg.errors import DDESegError
 from ddeseg.fileio import building_directory
-from ddeseg.pipelines.records import AVSS_TASKS, COCO_TO_VPO, SPLITS, VPO_CLASSES, VPO_TASKS, avss_palette
 from ddeseg.pipelines.sources import synthetic_layouts as layouts
 from ddeseg.pipelines.sources import synthetic_scenes as scenes
 

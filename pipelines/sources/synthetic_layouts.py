@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ddeseg.pipelines.records import VPO_CLASSES
+from ddeseg.classes import VPO_CLASSES
 
 SAMPLE_RATE_HZ = 16_000  # AVSBench wavs are written at 16 kHz (preprocess_s4.py / _ms3.py)
 VGG_CLIP_S = 10  # VGGSound clips are 10 s

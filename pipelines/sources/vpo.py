@@ -29,9 +29,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ddeseg.classes import COCO_TO_VPO, SPLITS, VPO_TASKS
 from ddeseg.data.schema import IGNORE_INDEX
 from ddeseg.errors import DataError
-from ddeseg.pipelines.records import COCO_TO_VPO, SPLITS, VPO_TASKS, AudioSpec, FrameRef, MaskSpec, Reject
+from ddeseg.pipelines.records import AudioSpec, FrameRef, MaskSpec, Reject
 from ddeseg.pipelines.sources.common import Source, join, read_csv_dicts, relative, safe_path
 
 CSV_NAMES = {

@@ -1,28 +1,50 @@
-"""Batched log-mel precompute with the model's own front end.
+"""Audio DSP shared by `prepare`, the model's front end and `predict`: mono mix, resampling,
+fixed-length clips, and the batched log-mel of the model's own front end.
 
 There is exactly one log-mel implementation in ddeseg, `ddeseg.models.frontend.LogMelFrontend`
-(the model runs it on raw waveforms); prepare runs the same module on batches of clips, on the
-GPU when there is one, and stores the result as float16 `[frames, mel_bins]` per sample.
+(the model runs it on raw waveforms); `LogMelBatcher` runs the same module on batches of clips,
+on the GPU when there is one, and returns float16 `[frames, mel_bins]` per clip, the form
+`prepare` stores and `predict` feeds the model.
 
 Its mel filterbank is the config's (`model.frontend`), or the one stored in an audio checkpoint
 (`prepare_frontend(cfg, audio_checkpoint)`): the official model gets its filterbank from the
 HTS-AT checkpoint it loads, so shards it reads must be made with that filterbank.
+
+torch is imported inside the functions that need it: `prepare`'s reader workers import this
+module for the waveform functions and must not pay for torch.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+import soxr
 
-from ddeseg.config import FrontendConfig
-from ddeseg.models.frontend import LogMelFrontend
+if TYPE_CHECKING:
+    from ddeseg.config import FrontendConfig
+    from ddeseg.models.frontend import LogMelFrontend
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def mix_to_mono(data: np.ndarray) -> np.ndarray:
+    """float32 `[samples, channels]` -> float32 `[samples]`, the mean of the channels."""
+    return data.mean(axis=1, dtype=np.float64).astype(np.float32) if data.shape[1] > 1 else data[:, 0]
+
+
+def resample(wave: np.ndarray, rate: int, sample_rate: int) -> np.ndarray:
+    """Mono float32 `[samples]` from `rate` to `sample_rate` Hz with soxr's HQ filter (as is when equal)."""
+    if rate == sample_rate:
+        return wave
+    return soxr.resample(wave, rate, sample_rate, quality="HQ").astype(np.float32)
+
+
+def fit_length(wave: np.ndarray, samples: int) -> np.ndarray:
+    """Repeat a short clip end to end and cut to `samples` (the official `_wav_repeat`)."""
+    if wave.shape[0] < samples:
+        wave = np.tile(wave, math.ceil(samples / wave.shape[0]))
+    return np.ascontiguousarray(wave[:samples], dtype=np.float32)
 
 
 def prepare_frontend(
@@ -42,9 +64,11 @@ def prepare_frontend(
         "checkpoint") and `stft_sha256` (the same hash over the real then imaginary kernels).
         Raises `CheckpointError` for a checkpoint without a filterbank or of another shape.
     """
+    import torch
+
     from ddeseg.errors import CheckpointError
     from ddeseg.models.checkpoint import frontend_state_from_checkpoint
-    from ddeseg.models.frontend import filterbank_fingerprint
+    from ddeseg.models.frontend import LogMelFrontend, filterbank_fingerprint
 
     frontend = LogMelFrontend(cfg)
     stft_from = "config"
@@ -83,7 +107,8 @@ class LogMelBatcher:
     """`batcher(audio float32 [N, samples]) -> float16 [N, frames, mel_bins]`, `batch_size` at a time.
 
     `frontend`: a front end config (its filterbank is built) or a ready `LogMelFrontend` (e.g.
-    from `prepare_frontend`), which is moved to `device`.
+    from `prepare_frontend`), which is moved to `device` (`ddeseg.distributed.resolve_device`:
+    None is the GPU when present, else the CPU).
     """
 
     def __init__(
@@ -92,20 +117,25 @@ class LogMelBatcher:
         device: str | None = None,
         batch_size: int | None = None,
     ):
-        self.device = torch.device(device or default_device())
+        from ddeseg.distributed import resolve_device
+        from ddeseg.models.frontend import LogMelFrontend
+
+        self.device = resolve_device(device)
         self.batch_size = batch_size or (256 if self.device.type == "cuda" else 64)
         module = frontend if isinstance(frontend, LogMelFrontend) else LogMelFrontend(frontend)
         self.module = module.to(self.device).eval()
 
-    @torch.inference_mode()
     def __call__(self, audio: np.ndarray) -> np.ndarray:
+        import torch
+
         if audio.ndim != 2:
             raise ValueError(f"audio must be [N, samples], got {audio.shape}")
         outputs = []
-        for start in range(0, audio.shape[0], self.batch_size):
-            batch = torch.from_numpy(
-                np.ascontiguousarray(audio[start : start + self.batch_size], dtype=np.float32)
-            )
-            logmel = self.module(batch.to(self.device))
-            outputs.append(logmel.float().cpu().numpy().astype(np.float16))
+        with torch.inference_mode():
+            for start in range(0, audio.shape[0], self.batch_size):
+                batch = torch.from_numpy(
+                    np.ascontiguousarray(audio[start : start + self.batch_size], dtype=np.float32)
+                )
+                logmel = self.module(batch.to(self.device))
+                outputs.append(logmel.float().cpu().numpy().astype(np.float16))
         return np.concatenate(outputs, axis=0)

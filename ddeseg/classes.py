@@ -1,0 +1,190 @@
+"""The class lists of the datasets ddeseg reads, their aliases, the AVSS mask palette, and the
+task and split names of a prepared folder.
+
+One owner for these facts: `prepare` builds the unified class list (`ddeseg.pipelines.records.ClassList`)
+from them, the synthetic generator draws with them, and `predict` names a checkpoint's classes
+with them when it holds no list of its own.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+AVSS_TASKS = ("v1s", "v1m", "v2")
+VPO_TASKS = ("VPO-SS", "VPO-MS", "VPO-MSMI")
+ALL_TASKS = AVSS_TASKS + VPO_TASKS
+SPLITS = ("train", "val", "test")
+
+# AVSBench-semantic class names in the order of the official `label2idx.json` (id = position).
+AVSS_CLASSES: tuple[str, ...] = (
+    "background",
+    "accordion",
+    "airplane",
+    "axe",
+    "baby",
+    "bassoon",
+    "bell",
+    "bird",
+    "boat",
+    "boy",
+    "bus",
+    "car",
+    "cat",
+    "cello",
+    "clarinet",
+    "clipper",
+    "clock",
+    "dog",
+    "donkey",
+    "drum",
+    "duck",
+    "elephant",
+    "emergency-car",
+    "erhu",
+    "flute",
+    "frying-food",
+    "girl",
+    "goose",
+    "guitar",
+    "gun",
+    "guzheng",
+    "hair-dryer",
+    "handpan",
+    "harmonica",
+    "harp",
+    "helicopter",
+    "hen",
+    "horse",
+    "keyboard",
+    "leopard",
+    "lion",
+    "man",
+    "marimba",
+    "missile-rocket",
+    "motorcycle",
+    "mower",
+    "parrot",
+    "piano",
+    "pig",
+    "pipa",
+    "saw",
+    "saxophone",
+    "sheep",
+    "sitar",
+    "sorna",
+    "squirrel",
+    "tabla",
+    "tank",
+    "tiger",
+    "tractor",
+    "train",
+    "trombone",
+    "truck",
+    "trumpet",
+    "tuba",
+    "ukulele",
+    "utv",
+    "vacuum-cleaner",
+    "violin",
+    "wolf",
+    "woman",
+)
+
+# The 22 VPO classes (CAVP `config/class_list.py: index_table_coco`), task-local id = position.
+VPO_CLASSES: tuple[str, ...] = (
+    "background",
+    "airplane",
+    "baby",
+    "bird",
+    "bus",
+    "car",
+    "cat",
+    "cell phone",
+    "cow",
+    "dog",
+    "elephant",
+    "female",
+    "horse",
+    "keyboard",
+    "male",
+    "motorcycle",
+    "mouse",
+    "sheep",
+    "skateboard",
+    "sports ball",
+    "tennis racket",
+    "zebra",
+)
+
+# COCO category id (as stored in VPO masks) -> VPO class name (CAVP `coco_class_dict`).
+COCO_TO_VPO: dict[int, str] = {
+    3: "car",
+    4: "motorcycle",
+    5: "airplane",
+    6: "bus",
+    16: "bird",
+    17: "cat",
+    18: "dog",
+    19: "horse",
+    20: "sheep",
+    21: "cow",
+    22: "elephant",
+    24: "zebra",
+    37: "sports ball",
+    41: "skateboard",
+    43: "tennis racket",
+    74: "mouse",
+    76: "keyboard",
+    77: "cell phone",
+    92: "male",
+    93: "female",
+    94: "baby",
+}
+
+# AVSBench-object S4 categories -> AVSS class names, only where the correspondence is clear.
+# The others (coyote_howling, chainsawing_trees, playing_glockenspiel) keep their own names.
+S4_TO_AVSS: dict[str, str] = {
+    "ambulance_siren": "emergency-car",
+    "baby_laughter": "baby",
+    "cap_gun_shooting": "gun",
+    "cat_meowing": "cat",
+    "dog_barking": "dog",
+    "driving_buses": "bus",
+    "female_singing": "woman",
+    "helicopter": "helicopter",
+    "horse_clip-clop": "horse",
+    "lawn_mowing": "mower",
+    "lions_roaring": "lion",
+    "male_speech": "man",
+    "mynah_bird_singing": "bird",
+    "playing_acoustic_guitar": "guitar",
+    "playing_piano": "piano",
+    "playing_tabla": "tabla",
+    "playing_ukulele": "ukulele",
+    "playing_violin": "violin",
+    "race_car": "car",
+    "typing_on_computer_keyboard": "keyboard",
+}
+
+SOUNDING_OBJECT = "sounding-object"
+
+
+def avss_palette(count: int) -> np.ndarray:
+    """The AVSBench-semantic colour of each class id: uint8 `[count, 3]` (id 0 black).
+
+    The colour of id `j` spreads the bits of `j` over the three channels, three bits per step,
+    from the most significant bit of each channel down (the VOC palette the official
+    `get_v2_pallete` builds).
+    """
+    palette = np.zeros((count, 3), dtype=np.uint8)
+    for class_id in range(count):
+        value, shift = class_id, 7
+        red = green = blue = 0
+        while value:
+            red |= (value & 1) << shift
+            green |= ((value >> 1) & 1) << shift
+            blue |= ((value >> 2) & 1) << shift
+            value >>= 3
+            shift -= 1
+        palette[class_id] = (red, green, blue)
+    return palette
