@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ddeseg.errors import DDESegError
+
 
 @dataclass(frozen=True)
 class DistributedContext:
@@ -29,14 +31,34 @@ class DistributedContext:
         return self.world_size > 1
 
 
-def resolve_device(requested: str | None = None, local_rank: int = 0) -> torch.device:
-    """`None`/"auto": the local GPU when present, else the CPU."""
+def resolve_device(requested: str | None = None, local_rank: int = 0, option: str = "--device") -> torch.device:
+    """The torch device of a `--device` value: the one device resolver of ddeseg.
+
+    `None`/"auto": the local GPU (`cuda:{local_rank}`) when present, else the CPU. "cuda" without
+    an index is `cuda:{local_rank}`. Raises `DDESegError` (one line naming `option`) for a value
+    that is not a torch device string (e.g. "gpu") and for a CUDA device this machine does not
+    have, before any work starts rather than at the first tensor moved there.
+    """
     if requested in (None, "auto"):
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, TypeError, ValueError):
+        raise DDESegError(
+            f"{option} {requested!r} is not a device: use cpu, cuda, cuda:N or auto ({_visible_gpus()})"
+        ) from None
     if device.type == "cuda" and device.index is None:
         device = torch.device(f"cuda:{local_rank}")
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise DDESegError(f"{option} {requested!r}: this machine has no such GPU ({_visible_gpus()}); use {option} cpu")
     return device
+
+
+def _visible_gpus() -> str:
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        return "no CUDA GPU is visible here"
+    return f"visible: {', '.join(f'cuda:{i}' for i in range(count))}"
 
 
 def init_distributed(requested_device: str | None = None) -> DistributedContext:

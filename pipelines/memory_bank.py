@@ -77,6 +77,7 @@ from ddeseg.config import Config
 from ddeseg.data import schema
 from ddeseg.data.schema import SampleMeta, decode_array, encode_array
 from ddeseg.data.shards import bank_class_ids
+from ddeseg.distributed import resolve_device
 from ddeseg.errors import DataError, DDESegError
 from ddeseg.pipelines.shards import read_samples, write_atomic
 from ddeseg.progress import stage_progress
@@ -122,7 +123,8 @@ def resolve_faiss_device(device: str | None) -> int | None:
     """FAISS GPU index for `device`, or None for the CPU.
 
     None / 'auto': GPU 0 when `faiss.get_num_gpus() > 0`, else the CPU. 'cpu': the CPU.
-    'cuda', 'cuda:N', 'gpu', 'gpu:N': that GPU, an error when FAISS cannot see it."""
+    'cuda', 'cuda:N': that GPU, an error when FAISS cannot see it (the same spellings as
+    `ddeseg.distributed.resolve_device`, which `build_memory_bank` checks the value with first)."""
     import faiss
 
     gpus = faiss.get_num_gpus()
@@ -130,7 +132,7 @@ def resolve_faiss_device(device: str | None) -> int | None:
         return 0 if gpus > 0 else None
     if device == "cpu":
         return None
-    match = re.fullmatch(r"(?:cuda|gpu)(?::(\d+))?", device)
+    match = re.fullmatch(r"cuda(?::(\d+))?", device)
     if match is None:
         raise DDESegError(f"device {device!r}: expected cpu, cuda or cuda:N")
     index = int(match.group(1) or 0)
@@ -629,14 +631,6 @@ def load_audio_embedder(
     )
 
 
-def default_torch_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("gpu"):
-        device = "cuda" + device[3:]
-    return torch.device(device)
-
-
 # --------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------
@@ -738,7 +732,7 @@ def build_memory_bank(
     shard_paths = _train_shards(shards_dir, reads)
     shard_list = [[str(p.relative_to(shards_dir)), p.stat().st_size] for p in shard_paths]
     cache_path = out_dir / CACHE_FILE
-    torch_device = default_torch_device(device)
+    torch_device = resolve_device(device)
     faiss_gpu = resolve_faiss_device(device)  # fail early, before embedding, on a bad device
 
     embed_started = time.perf_counter()

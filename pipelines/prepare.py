@@ -413,6 +413,9 @@ def prepare(options: PrepareOptions, config: Config | None = None) -> PrepareRes
     if out.resolve() == source.root or source.root.is_relative_to(out.resolve()):
         raise DataError(f"output {out} must not contain the dataset root {source.root}")
     from ddeseg.audio import LogMelBatcher, prepare_frontend  # builds torch modules: main process only
+    from ddeseg.distributed import resolve_device
+
+    resolve_device(options.device)  # a bad --device fails here, not after the scan
 
     frontend, frontend_entry = prepare_frontend(config.model.frontend, options.audio_checkpoint)
     out.mkdir(parents=True, exist_ok=True)
