@@ -76,6 +76,7 @@ from ddeseg.classes import AVSS_CLASSES, VPO_CLASSES
 from ddeseg.config import Config
 from ddeseg.data.augment import preprocess_for_model
 from ddeseg.data.boxes import sounding_boxes
+from ddeseg.data.shards import read_classes_file, task_class_names
 from ddeseg.errors import DDESegError
 from ddeseg.fileio import building_directory
 from ddeseg.visualize import overlay, voc_palette
@@ -768,8 +769,6 @@ def resolve_class_names(config: Config, stored: Sequence[str], classes_file: Pat
     as evaluation reads it, or a plain JSON list of names), else from the checkpoint's stored
     unified list, else the task's known list (binary; AVSS for v2 with 71 classes; VPO with 22).
     """
-    from ddeseg.engine.evaluate import task_class_names
-
     num_classes = config.model.num_classes
     binary = num_classes == 1
     wanted = 2 if binary else num_classes
@@ -778,19 +777,13 @@ def resolve_class_names(config: Config, stored: Sequence[str], classes_file: Pat
     where = "the checkpoint"
     if classes_file is not None:
         where = str(classes_file)
-        try:
-            data = json.loads(Path(classes_file).read_text())
-        except (OSError, ValueError) as error:
-            raise DDESegError(f"{classes_file}: cannot be read as JSON ({error})") from None
-        if isinstance(data, dict) and isinstance(data.get("names"), list):
-            if task in data.get("tasks", {}):
-                names = task_class_names(data, task)
-            else:
-                stored = data["names"]
-        elif isinstance(data, list) and all(isinstance(name, str) for name in data):
-            names = list(data)
+        data = read_classes_file(classes_file, allow_name_list=True)  # one line naming the file when bad
+        if isinstance(data, list):
+            names = data
+        elif task in data.get("tasks", {}):
+            names = task_class_names(data, task)
         else:
-            raise DDESegError(f"{classes_file}: expected classes.json from `ddeseg prepare` or a JSON list of names")
+            stored = data["names"]
     if names is None and stored:
         if binary:
             names = [stored[0], "foreground"]

@@ -76,10 +76,11 @@ import torch
 from ddeseg.config import Config
 from ddeseg.data import schema
 from ddeseg.data.schema import SampleMeta, decode_array, encode_array
-from ddeseg.data.shards import bank_class_ids
+from ddeseg.data.shards import ShardIndex
+from ddeseg.data.stream import read_shard_samples
 from ddeseg.distributed import resolve_device
 from ddeseg.errors import DataError, DDESegError
-from ddeseg.pipelines.shards import read_samples, write_atomic
+from ddeseg.pipelines.shards import write_atomic
 from ddeseg.progress import stage_progress
 
 BANK_FILE = "bank.npy"
@@ -459,34 +460,33 @@ def embed_shards(
 
     with stage_progress(unit="clips", enabled=progress) as bar:
         task = bar.add_task("embedding", total=total)
-        for shard in shard_paths:
-            for sample in read_samples(shard):
-                key = sample["__key__"]
-                where = f"{shard}: sample {key!r}"
-                if schema.META not in sample:
-                    raise DataError(f"{where} has no {schema.META}; re-run `ddeseg prepare`")
-                meta = SampleMeta.from_json(sample[schema.META])
-                bar.advance(task)
-                if not meta.annotated:
-                    unannotated += 1
-                    continue
-                if schema.LOGMEL not in sample:
-                    raise DataError(f"{where} has no {schema.LOGMEL}; re-run `ddeseg prepare`")
-                logmel = decode_array(sample[schema.LOGMEL]).astype(np.float32)
-                if logmel.ndim != 2 or (frame_shape is not None and logmel.shape != frame_shape):
-                    raise DataError(
-                        f"{where}: logmel.npy has shape {logmel.shape}, expected [frames, mel_bins]"
-                        + (f" = {list(frame_shape)} like the samples before it" if frame_shape else "")
-                    )
-                frame_shape = logmel.shape
-                keys.append(key)
-                sample_classes = _sample_classes(meta)
-                classes.append(sample_classes)
-                silent.append(bool(meta.silent) or not sample_classes)
-                batch.append(logmel)
-                batch_where.append(where)
-                if len(batch) == batch_size:
-                    flush()
+        for sample in read_shard_samples(list(shard_paths)):  # a corrupt shard stops the run, naming it
+            key = sample["__key__"]
+            where = f"{sample['__url__']}: sample {key!r}"
+            if schema.META not in sample:
+                raise DataError(f"{where} has no {schema.META}; re-run `ddeseg prepare`")
+            meta = SampleMeta.from_json(sample[schema.META])
+            bar.advance(task)
+            if not meta.annotated:
+                unannotated += 1
+                continue
+            if schema.LOGMEL not in sample:
+                raise DataError(f"{where} has no {schema.LOGMEL}; re-run `ddeseg prepare`")
+            logmel = decode_array(sample[schema.LOGMEL]).astype(np.float32)
+            if logmel.ndim != 2 or (frame_shape is not None and logmel.shape != frame_shape):
+                raise DataError(
+                    f"{where}: logmel.npy has shape {logmel.shape}, expected [frames, mel_bins]"
+                    + (f" = {list(frame_shape)} like the samples before it" if frame_shape else "")
+                )
+            frame_shape = logmel.shape
+            keys.append(key)
+            sample_classes = _sample_classes(meta)
+            classes.append(sample_classes)
+            silent.append(bool(meta.silent) or not sample_classes)
+            batch.append(logmel)
+            batch_where.append(where)
+            if len(batch) == batch_size:
+                flush()
         if batch:
             flush()
     duplicates = [key for key, count in Counter(keys).items() if count > 1]
@@ -649,31 +649,6 @@ class MemoryBankResult:
     report: dict[str, Any] = field(default_factory=dict)  # the content of bank.json
 
 
-def _read_classes(shards_dir: Path) -> dict[str, Any]:
-    path = shards_dir / schema.CLASSES_FILE
-    if not path.is_file():
-        raise DataError(f"{path} is missing: {shards_dir} is not a prepared directory (run `ddeseg prepare`)")
-    document = json.loads(path.read_text())
-    return document if isinstance(document, dict) else {"names": document}
-
-
-def _train_shards(shards_dir: Path, reads: Sequence[str]) -> list[Path]:
-    paths = [p for task in reads for p in sorted((shards_dir / task / TRAIN_SPLIT).glob("shard-*.tar"))]
-    if not paths:
-        looked = ", ".join(str(shards_dir / task / TRAIN_SPLIT) for task in reads)
-        raise DataError(f"no training shards (shard-*.tar) in {looked}")
-    return paths
-
-
-def _expected_samples(shards_dir: Path, reads: Sequence[str]) -> int | None:
-    """Samples to read, from the manifest when there is one (only for the progress bar)."""
-    path = shards_dir / schema.MANIFEST_FILE
-    if not path.is_file():
-        return None
-    rows = pq.read_table(path, columns=["task", "split"]).to_pylist()
-    return sum(1 for row in rows if row["task"] in reads and row["split"] == TRAIN_SPLIT)
-
-
 def build_memory_bank(
     shards_dir: str | Path,
     out_dir: str | Path,
@@ -725,12 +700,12 @@ def build_memory_bank(
         )
     if missing_fill not in MISSING_FILLS:
         raise DDESegError(f"missing fill {missing_fill!r}: expected one of {MISSING_FILLS}")
-    classes_doc = _read_classes(shards_dir)
-    names: list[str] = list(classes_doc["names"])
-    bank_ids = bank_class_ids(classes_doc, task)
-    reads = list(classes_doc["tasks"][task].get("reads") or [task])
-    shard_paths = _train_shards(shards_dir, reads)
-    shard_list = [[str(p.relative_to(shards_dir)), p.stat().st_size] for p in shard_paths]
+    index = ShardIndex(shards_dir, need_manifest=False)  # bare shard folders are fine here
+    names = index.class_names()
+    bank_ids = index.bank_class_ids(task)
+    reads = index.reads(task)
+    shard_paths = index.shards(task, TRAIN_SPLIT, by_folder=True)
+    shard_list = [[str(Path(p).relative_to(shards_dir)), Path(p).stat().st_size] for p in shard_paths]
     cache_path = out_dir / CACHE_FILE
     torch_device = resolve_device(device)
     faiss_gpu = resolve_faiss_device(device)  # fail early, before embedding, on a bad device
@@ -765,7 +740,7 @@ def build_memory_bank(
             batch_size=batch_size,
             device=torch_device,
             progress=progress,
-            total=_expected_samples(shards_dir, reads),
+            total=index.count(task, TRAIN_SPLIT) if index.has_manifest else None,  # for the ETA only
         )
         embedding_info = {
             "fingerprint": embedder.fingerprint,
@@ -779,7 +754,7 @@ def build_memory_bank(
         )
     embed_seconds = time.perf_counter() - embed_started
 
-    background = int(classes_doc.get("background", 0))
+    background = int(index.classes.get("background", 0))
     assignment = assign_to_classes(table, bank_ids, include_multi_source, silence_row, background)
     cluster_started = time.perf_counter()
     bank, stats = cluster_class_embeddings(

@@ -1,4 +1,7 @@
-"""WebDataset shards: planning, deterministic writing, resume state and reading back.
+"""WebDataset shards: planning, deterministic writing and resume state; `inspect`'s summary and dump.
+
+Reading a prepared folder back goes through `ddeseg.data.shards.ShardIndex` (files) and
+`ddeseg.data.stream.read_shard_samples` (tars).
 
 Layout of a prepared directory (see ../shared/CLI.md and `ddeseg.data.schema`):
 
@@ -23,8 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tarfile
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -175,47 +176,9 @@ def remove_stale(out: Path, jobs: list[ShardJob], task_dirs: tuple[str, ...], sp
     return removed
 
 
-def read_samples(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Samples of a tar as `{"__key__": key, member: bytes}` (no decoding, no pickle)."""
-    current: dict[str, Any] | None = None
-    with tarfile.open(path, "r") as archive:
-        for info in archive:
-            if not info.isfile():
-                continue
-            key, _, member = info.name.partition(".")
-            handle = archive.extractfile(info)
-            data = handle.read() if handle is not None else b""
-            if current is None or current["__key__"] != key:
-                if current is not None:
-                    yield current
-                current = {"__key__": key}
-            current[member] = data
-    if current is not None:
-        yield current
-
-
 # --------------------------------------------------------------------------------------------
 # Looking at a prepared directory (`ddeseg inspect`)
 # --------------------------------------------------------------------------------------------
-
-
-def find_sample(shards_dir: Path, key: str) -> tuple[dict[str, Any], str]:
-    """The stored sample `key` (members as bytes) and its shard, located through the manifest."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    from ddeseg.data.schema import MANIFEST_FILE
-    from ddeseg.errors import DataError
-
-    manifest = pq.read_table(shards_dir / MANIFEST_FILE, columns=["key", "shard"])
-    rows = manifest.filter(pc.equal(manifest.column("key"), key)).to_pylist()
-    if not rows:
-        raise DataError(f"no sample {key!r} in {shards_dir / MANIFEST_FILE}")
-    shard = rows[0]["shard"]
-    for sample in read_samples(shards_dir / shard):
-        if sample["__key__"] == key:
-            return sample, shard
-    raise DataError(f"{shards_dir / shard}: sample {key!r} listed in the manifest is missing from its shard")
 
 
 def dump_sample(shards_dir: Path, key: str, out_dir: Path) -> list[Path]:
@@ -235,15 +198,16 @@ def dump_sample(shards_dir: Path, key: str, out_dir: Path) -> list[Path]:
         LOGMEL,
         MASK,
         META,
-        PREPARE_FILE,
         SampleMeta,
         decode_array,
         decode_image,
         decode_mask,
         image_member,
     )
+    from ddeseg.data.shards import ShardIndex
 
-    sample, _ = find_sample(shards_dir, key)
+    index = ShardIndex(shards_dir)
+    sample, _ = index.find_sample(key)
     meta = SampleMeta.from_json(sample[META])
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -271,10 +235,7 @@ def dump_sample(shards_dir: Path, key: str, out_dir: Path) -> list[Path]:
             outline=(255, 255, 0),
         )
     save("overlay.png", lambda p: overlay.save(p))
-    prepare_json = shards_dir / PREPARE_FILE
-    sample_rate = 22050
-    if prepare_json.is_file():
-        sample_rate = json.loads(prepare_json.read_text())["config"]["model"]["frontend"]["sample_rate"]
+    sample_rate = index.sample_rate()
     audio = decode_array(sample[AUDIO])
     save("wav", lambda p: soundfile.write(str(p), audio, sample_rate, subtype="FLOAT"))
     logmel = decode_array(sample[LOGMEL]).astype(np.float32)  # [frames, mel_bins]
@@ -290,21 +251,12 @@ def dump_sample(shards_dir: Path, key: str, out_dir: Path) -> list[Path]:
 
 def manifest_summary(shards_dir: Path) -> dict[str, Any]:
     """Counts per task and split (samples, annotated, silent), class frequencies, rejects."""
-    import pyarrow.parquet as pq
+    from ddeseg.classes import ALL_TASKS, SPLITS
+    from ddeseg.data.shards import ShardIndex
 
-    from ddeseg.data.schema import CLASSES_FILE, MANIFEST_FILE, PREPARE_FILE, REJECTS_FILE
-    from ddeseg.errors import DataError
-
-    manifest_path = shards_dir / MANIFEST_FILE
-    if not manifest_path.is_file():
-        raise DataError(
-            f"{shards_dir} has no {MANIFEST_FILE}: not a prepared directory (run `ddeseg prepare`)"
-        )
-    rows = pq.read_table(
-        manifest_path, columns=["task", "split", "annotated", "silent", "classes", "shard"]
-    ).to_pylist()
-    classes_path = shards_dir / CLASSES_FILE
-    names = json.loads(classes_path.read_text())["names"] if classes_path.is_file() else []
+    index = ShardIndex(shards_dir)
+    rows = index.manifest_rows(["task", "split", "annotated", "silent", "classes", "shard"])
+    names = index.class_names()
     splits: dict[tuple[str, str], dict[str, int]] = {}
     class_counts: dict[int, int] = {}
     shards = set()
@@ -316,13 +268,7 @@ def manifest_summary(shards_dir: Path) -> dict[str, Any]:
         shards.add(row["shard"])
         for class_id in row["classes"]:
             class_counts[class_id] = class_counts.get(class_id, 0) + 1
-    rejects_path = shards_dir / REJECTS_FILE
-    rejects = (
-        [json.loads(line) for line in rejects_path.read_text().splitlines()] if rejects_path.is_file() else []
-    )
-    prepare_path = shards_dir / PREPARE_FILE
-    report = json.loads(prepare_path.read_text()) if prepare_path.is_file() else {}
-    from ddeseg.classes import ALL_TASKS, SPLITS
+    report = index.prepare_report()
 
     def order(item: tuple[tuple[str, str], Any]) -> tuple[int, int, str, str]:
         (task, split), _ = item
@@ -342,7 +288,7 @@ def manifest_summary(shards_dir: Path) -> dict[str, Any]:
             for class_id, count in sorted(class_counts.items(), key=lambda item: -item[1])
         },
         "num_classes": len(names),
-        "rejects": rejects,
+        "rejects": index.rejects(),
         "layout": report.get("layout"),
         "root": report.get("root"),
     }

@@ -25,12 +25,12 @@ from ddeseg.config import load_config
 from ddeseg.data import schema
 from ddeseg.data.schema import decode_array
 from ddeseg.data.shards import ShardIndex, check_frontend
+from ddeseg.data.stream import read_shard_samples
 from ddeseg.errors import CheckpointError, DDESegError
 from ddeseg.models import build_model, load_checkpoint
 from ddeseg.models.checkpoint import frontend_state_from_checkpoint
 from ddeseg.models.frontend import mel_filterbank
 from ddeseg.pipelines.prepare import PrepareOptions, prepare
-from ddeseg.pipelines.shards import read_samples
 
 CONFIG = load_config(DEMO_CONFIG, MICRO_OVERRIDES)
 
@@ -85,7 +85,7 @@ def _stored(shards_dir) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
     audio, logmel, tars = [], [], {}
     for tar in sorted(shards_dir.glob("*/*/shard-*.tar")):
         tars[tar.relative_to(shards_dir).as_posix()] = hashlib.sha256(tar.read_bytes()).hexdigest()
-        for sample in read_samples(tar):
+        for sample in read_shard_samples(tar):
             audio.append(decode_array(sample[schema.AUDIO]))
             logmel.append(decode_array(sample[schema.LOGMEL]).astype(np.float32))
     assert audio, f"no samples in {shards_dir}"

@@ -34,10 +34,10 @@ from ddeseg.data.schema import (
     decode_mask,
     image_member,
     sample_key,
-    task_label_lut,
 )
+from ddeseg.data.shards import task_label_lut
+from ddeseg.data.stream import read_shard_samples
 from ddeseg.pipelines.prepare import PrepareOptions, prepare
-from ddeseg.pipelines.shards import read_samples
 from ddeseg.pipelines.sources.synthetic import generate
 
 SEED = 11
@@ -91,7 +91,7 @@ def prepared(raw, tmp_path_factory):
 def load_samples(out: Path) -> dict[str, dict]:
     samples = {}
     for shard in sorted(out.glob("*/*/shard-*.tar")):
-        for sample in read_samples(shard):
+        for sample in read_shard_samples(shard):
             samples[sample["__key__"]] = sample
     return samples
 

@@ -13,10 +13,12 @@ from PIL import Image
 from ddeseg.audio import fit_length
 from ddeseg.classes import AVSS_CLASSES, SOUNDING_OBJECT, VPO_CLASSES, avss_palette
 from ddeseg.data.boxes import box_of, sounding_boxes
-from ddeseg.data.schema import IGNORE_INDEX, task_label_lut
+from ddeseg.data.schema import IGNORE_INDEX
+from ddeseg.data.shards import task_label_lut
+from ddeseg.data.stream import read_shard_samples
 from ddeseg.pipelines.bboxes import export_bbox_json
 from ddeseg.pipelines.records import AudioSpec, ClassList, FrameRef, RecordError
-from ddeseg.pipelines.shards import plan_shards, read_samples, write_tar
+from ddeseg.pipelines.shards import plan_shards, write_tar
 from ddeseg.pipelines.sources.common import (
     UNKNOWN,
     decode_binary_mask,
@@ -217,7 +219,7 @@ def test_tar_bytes_are_deterministic_and_read_back(tmp_path):
     digest_a, _ = write_tar(tmp_path / "a.tar", samples)
     digest_b, _ = write_tar(tmp_path / "b.tar", samples)
     assert digest_a == digest_b
-    back = list(read_samples(tmp_path / "a.tar"))
+    back = list(read_shard_samples(tmp_path / "a.tar"))
     assert [s["__key__"] for s in back] == ["v2-a-000", "v2-a-001", "v2-a-002"]
     assert back[2]["audio.npy"] == bytes([2]) * 10
     assert not list(tmp_path.glob(".*tmp*"))

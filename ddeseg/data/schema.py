@@ -134,25 +134,6 @@ def decode_array(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def task_label_lut(classes: dict[str, Any], task: str) -> np.ndarray:
-    """uint8 `[256]` lookup from unified mask ids (`classes.json`) to the training ids of `task`.
-
-    Binary tasks (v1s, v1m): background 0, every class 1. Multi-class tasks: position in
-    `classes["tasks"][task]["ids"]`. `IGNORE_INDEX` stays `IGNORE_INDEX`; a unified id that the
-    task does not have also maps to `IGNORE_INDEX`. Use as `lut[mask]`.
-    """
-    protocol = classes["tasks"][task]
-    lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
-    if protocol["binary"]:
-        lut[: len(classes["names"])] = 1
-        lut[0] = 0
-    else:
-        for local_id, unified_id in enumerate(protocol["ids"]):
-            lut[unified_id] = local_id
-    lut[IGNORE_INDEX] = IGNORE_INDEX
-    return lut
-
-
 def image_member(sample: dict[str, Any]) -> str:
     for ext in IMAGE_EXTENSIONS:
         if f"image.{ext}" in sample:

@@ -55,6 +55,7 @@ from webdataset import tariterators
 from ddeseg.config import Config
 from ddeseg.data import schema
 from ddeseg.data.augment import augment_for_training, preprocess_for_model, resize_mask
+from ddeseg.data.shards import REPREPARE, ShardIndex, model_label_lut
 from ddeseg.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -93,26 +94,30 @@ def _hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def resolve_label_lut(shards: list[str], cfg: Config) -> np.ndarray:
-    """uint8 `[256]` map from the shards' unified mask ids to the training ids of `cfg.task`.
+def default_label_lut(urls: list[str], cfg: Config) -> np.ndarray:
+    """The loaders' label map when none is given: `cfg.task`'s (`ShardIndex.label_lut`) of the
+    prepared folder the shards lie in, or the ids as they are for shards outside one; a model
+    with one output (`num_classes == 1`, v1s/v1m) gets every class mapped to 1."""
+    index = ShardIndex.holding(urls[0])
+    lut = np.arange(256, dtype=np.uint8) if index is None else index.label_lut(cfg.task)
+    return model_label_lut(lut, cfg.model.num_classes)
 
-    Reads `classes.json` of the prepared directory (`SHARDS_DIR/{task}/{split}/shard-*.tar`,
-    so two levels above a shard's folder, or beside the shards). Without it, ids are used as
-    they are. A model with one output (`num_classes == 1`, v1s/v1m) gets every class mapped to
-    1. `IGNORE_INDEX` always stays `IGNORE_INDEX`.
+
+def read_shard_samples(
+    shards: str | Path | Iterable[str | Path], errors: DataErrorLog | None = None
+) -> Iterator[dict[str, Any]]:
+    """Raw samples of shards, in order: `{"__key__", "__url__", member: bytes}` (no decoding,
+    so no pickle; decode members with `ddeseg.data.schema`).
+
+    The one tar-reading path of ddeseg (the loaders, pretrain-audio, the memory bank and
+    `inspect` all read through it), with one corrupt-shard check: a shard that cannot be opened,
+    breaks off, or lacks the end-of-archive marker is reported to `errors` (the loaders log and
+    skip it); without `errors` it is a `DataError` naming the shard, for stages that must see
+    every sample.
     """
-    lut = np.arange(256, dtype=np.uint8)
-    folder = Path(shards[0]).parent
-    for candidate in (folder.parent.parent, folder.parent, folder):
-        path = candidate / schema.CLASSES_FILE
-        if path.is_file():
-            classes = json.loads(path.read_text())
-            if isinstance(classes, dict) and cfg.task in classes.get("tasks", {}):
-                lut = schema.task_label_lut(classes, cfg.task)
-            break
-    if cfg.model.num_classes == 1:
-        lut = np.where((lut == 0) | (lut == schema.IGNORE_INDEX), lut, 1).astype(np.uint8)
-    return lut
+    urls = list_shards(shards)
+    log = DataErrorLog(None, "read", 0, urls, strict=True) if errors is None else errors
+    return _TarSamples(log)({"url": url} for url in urls)
 
 
 def read_data_errors(errors_dir: str | Path) -> list[dict[str, Any]]:
@@ -163,7 +168,8 @@ def make_train_loader(
             checked (each rank draws its own shards, see the module docstring).
         num_batches: batches this loader yields (the same on every rank).
         errors_dir: where workers log skipped data (JSONL), see `count_data_errors`.
-        label_lut: unified id -> task id map; default `resolve_label_lut(shards, cfg)`.
+        label_lut: unified id -> task id map (`ShardIndex.label_lut`); default
+            `default_label_lut(shards, cfg)`.
         num_workers, batch_size: default `cfg.data.num_workers`, `cfg.data.batch_size`.
     Yields:
         dicts: `image` float32 `[B, 3, S, S]` (ImageNet-normalised), `mask` int64 `[B, S, S]`
@@ -178,7 +184,7 @@ def make_train_loader(
     if num_batches < 1:
         raise ValueError(f"num_batches must be >= 1, got {num_batches}")
     urls = list_shards(shards)
-    lut = resolve_label_lut(urls, cfg) if label_lut is None else label_lut
+    lut = default_label_lut(urls, cfg) if label_lut is None else label_lut
     batch_size = cfg.data.batch_size if batch_size is None else batch_size
     num_workers = cfg.data.num_workers if num_workers is None else num_workers
     shuffle_buffer = cfg.data.shuffle_buffer
@@ -220,7 +226,7 @@ def make_eval_loader(
     """
     _check_rank(rank, world_size)
     urls = list_shards(shards)
-    lut = resolve_label_lut(urls, cfg) if label_lut is None else label_lut
+    lut = default_label_lut(urls, cfg) if label_lut is None else label_lut
     batch_size = cfg.data.eval_batch_size if batch_size is None else batch_size
     num_workers = cfg.data.num_workers if num_workers is None else num_workers
     if batch_size < 1:
@@ -305,8 +311,10 @@ class DataErrorLog:
         urls: list[str],
         epoch: int | None = None,
         fruitless_limit: int | None = None,
+        strict: bool = False,
     ) -> None:
         self.directory = None if directory is None else Path(directory)
+        self.strict = strict  # raise DataError at the first problem instead of logging it
         self.stage, self.rank, self.epoch = stage, rank, epoch
         self.urls = sorted(urls, key=len, reverse=True)  # longest first: no prefix mis-match
         self.count = 0  # skips recorded by this process
@@ -315,6 +323,9 @@ class DataErrorLog:
         self._seen: set[tuple[str | None, str | None]] = set()
 
     def record(self, shard: str | None, key: str | None, reason: str) -> None:
+        if self.strict:
+            sample = f" (sample {key!r})" if key else ""
+            raise DataError(f"{shard or 'a shard'}{sample}: {reason}; {REPREPARE}")
         self.count += 1
         self.note_fruitless()
         if (shard, key) in self._seen:

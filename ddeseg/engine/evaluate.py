@@ -400,14 +400,6 @@ class EvaluateRequest:
     show_progress: bool = True
 
 
-def task_class_names(classes: dict[str, Any], task: str) -> list[str]:
-    """Names of `task`'s classes by task id, from `classes.json` (binary: background, foreground)."""
-    protocol = classes["tasks"][task]
-    if protocol["binary"]:
-        return [classes["names"][0], "foreground"]
-    return [classes["names"][unified] for unified in protocol["ids"]]
-
-
 def load_for_evaluation(request: EvaluateRequest) -> tuple[torch.nn.Module, Config, dict[str, Any]]:
     """Build the model of a checkpoint (ours or an official full one) and its config.
 
@@ -478,21 +470,17 @@ def run_evaluation(request: EvaluateRequest, context: DistributedContext) -> dic
     model, config, info = load_for_evaluation(request)
     index.check_frontend(model, checkpoint=request.checkpoint)  # shards' log-mels vs the model's filterbank
     task, split = config.task, request.split
-    classes = json.loads((index.root / "classes.json").read_text())
-    if task not in classes.get("tasks", {}):
-        raise DDESegError(f"task {task!r} is not in {index.root}/classes.json (tasks: {sorted(classes.get('tasks', {}))})")
-    protocol = classes["tasks"][task]
-    expected = 1 if protocol["binary"] else protocol["num_classes"]
+    expected = index.num_outputs(task)
     if config.model.num_classes != expected:
         raise DDESegError(
             f"the model has {config.model.num_classes} output classes but task {task!r} of {index.root} needs"
             f" {expected}: evaluate it on its own task (--task) or with the matching --config"
         )
-    class_names = task_class_names(classes, task)
+    class_names = index.task_class_names(task)
     if info["load_incomplete"] and context.is_main:
         console.print(f"[yellow]warning[/]: the checkpoint does not fill the model: {info['load_report']}")
-    if info["classes"] and info["classes"] != list(classes["names"]) and context.is_main:
-        console.print(f"[yellow]warning[/]: the checkpoint's class list differs from {index.root}/classes.json")
+    if info["classes"] and info["classes"] != index.class_names() and context.is_main:
+        console.print(f"[yellow]warning[/]: the checkpoint's class list differs from the one of {index.root}")
     shards = index.shards(task, split)
     total = index.count(task, split, annotated_only=True)
 
@@ -510,6 +498,7 @@ def run_evaluation(request: EvaluateRequest, context: DistributedContext) -> dic
         rank=context.rank,
         world_size=context.world_size,
         errors_dir=errors_dir,
+        label_lut=index.label_lut(task, config.model.num_classes),
         num_workers=request.num_workers,
         batch_size=request.batch_size,
     )

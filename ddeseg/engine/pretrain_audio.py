@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import webdataset as wds
 
 from ddeseg.checkpoint import atomic_torch_save
 from ddeseg.config import Config, save_config, to_dict
 from ddeseg.data import schema
 from ddeseg.data.shards import ShardIndex
+from ddeseg.data.stream import read_shard_samples
 from ddeseg.errors import DataError
 from ddeseg.models import build_model
 from ddeseg.progress import console, stage_progress, training_progress
@@ -60,11 +60,10 @@ def read_audio_examples(shards: list[str], sound_class_ids: list[int], descripti
     column_of = {class_id: column for column, class_id in enumerate(sound_class_ids)}
     num_classes = len(sound_class_ids)
     logmels, targets, keys = [], [], []
-    # Raw bytes only: no WebDataset decoder (and so no pickle) is ever involved.
-    dataset = wds.WebDataset(shards, shardshuffle=False, handler=wds.reraise_exception, empty_check=False)
     with stage_progress("clips") as progress:
         task = progress.add_task(description, total=None)
-        for sample in dataset:
+        # Raw bytes only (no decoder, so no pickle); a corrupt shard stops the run naming it.
+        for sample in read_shard_samples(shards):
             meta = schema.SampleMeta.from_json(sample[schema.META])
             if not meta.annotated:
                 continue
