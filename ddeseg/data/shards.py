@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Iterator, Mapping
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -197,9 +198,10 @@ def check_frontend(shards_dir: str | Path, model: Any, checkpoint: str | Path | 
 class ShardIndex:
     """A prepared folder: its manifest, class list, task protocols, shard lists and samples.
 
-    Construction reads and checks `classes.json` and (unless `need_manifest=False`, for bare
-    shard folders such as the memory bank accepts) `manifest.parquet`, so a broken folder fails
-    before any work starts, with one `DataError` naming the file.
+    Construction reads and checks `manifest.parquet` (unless `need_manifest=False`, for bare
+    shard folders such as the memory bank accepts), `classes.json` is read at the first question
+    about classes or tasks; either way a missing or broken file is one `DataError` naming it,
+    raised before the stage reads any sample.
     """
 
     def __init__(self, shards_dir: str | Path, need_manifest: bool = True) -> None:
@@ -207,7 +209,11 @@ class ShardIndex:
         self._manifest: pa.Table | None = None
         if need_manifest:
             self._manifest = self._read_manifest()
-        self.classes: dict[str, Any] = read_classes_file(self.root / CLASSES_FILE)  # type: ignore[assignment]
+
+    @cached_property
+    def classes(self) -> dict[str, Any]:
+        """`classes.json`, parsed and checked (`read_classes_file`) on first use."""
+        return read_classes_file(self.root / CLASSES_FILE)  # type: ignore[return-value]
 
     @classmethod
     def holding(cls, shard: str | Path) -> ShardIndex | None:
