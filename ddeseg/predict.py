@@ -46,7 +46,7 @@ Outputs of `predict_to_directory` (`ddeseg predict`), per video under `OUT/{vide
 - `predictions.json`: see `PREDICTIONS_VERSION` and `FramePrediction.to_json`: per frame its
   index, `time_s` (= k / F), `frame_time_s` (timestamp of the frame shown), audio source, and the
   classes present with `pixel_fraction` and `box` (normalised `[x0, y0, x1, y1]`, inclusive pixel
-  indices / size, the convention of `ddeseg.pipelines.bboxes`).
+  indices / size, the convention of `ddeseg.data.boxes`).
 A video's folder is written under a temporary name and renamed at the end: a failed video leaves
 nothing behind, and a re-run replaces the previous result whole. Two inputs with the same stem in
 one run get `{stem}`, `{stem}-2`, ...

@@ -65,7 +65,7 @@ def sample_key(task: str, video: str, frame: int) -> str:
 class SampleMeta:
     """`meta.json` of a sample. Boxes are normalised `[x0, y0, x1, y1]` in [0, 1]: first and last
     (inclusive) sounding column / row divided by width / height, the official DDESeg bbox-json
-    convention (`ddeseg.pipelines.bboxes`)."""
+    convention (`ddeseg.data.boxes`)."""
 
     key: str
     task: str  # v1s | v1m | v2 | VPO-SS | VPO-MS | VPO-MSMI
