@@ -192,23 +192,12 @@ def dump_sample(shards_dir: Path, key: str, out_dir: Path) -> list[Path]:
     from PIL import Image, ImageDraw
 
     from ddeseg.classes import avss_palette
-    from ddeseg.data.schema import (
-        AUDIO,
-        IGNORE_INDEX,
-        LOGMEL,
-        MASK,
-        META,
-        SampleMeta,
-        decode_array,
-        decode_image,
-        decode_mask,
-        image_member,
-    )
+    from ddeseg.data import schema
     from ddeseg.data.shards import ShardIndex
 
     index = ShardIndex(shards_dir)
     sample, _ = index.find_sample(key)
-    meta = SampleMeta.from_json(sample[META])
+    meta = schema.SampleMeta.from_json(sample[schema.META])
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
 
@@ -217,13 +206,13 @@ def dump_sample(shards_dir: Path, key: str, out_dir: Path) -> list[Path]:
         write(path)
         written.append(path)
 
-    image = decode_image(sample[image_member(sample)])
+    image = schema.decode_image(sample[schema.image_member(sample)])
     save("image.png", lambda p: Image.fromarray(image).save(p))
     overlay = Image.fromarray(image)
-    if MASK in sample:
-        mask = decode_mask(sample[MASK])
+    if schema.MASK in sample:
+        mask = schema.decode_mask(sample[schema.MASK])
         palette = avss_palette(256)
-        palette[IGNORE_INDEX] = (255, 255, 255)
+        palette[schema.IGNORE_INDEX] = (255, 255, 255)
         colours = palette[mask]
         save("mask.png", lambda p: Image.fromarray(colours).save(p))
         blend = np.where((mask > 0)[..., None], (0.5 * image + 0.5 * colours).astype(np.uint8), image)
@@ -236,16 +225,16 @@ def dump_sample(shards_dir: Path, key: str, out_dir: Path) -> list[Path]:
         )
     save("overlay.png", lambda p: overlay.save(p))
     sample_rate = index.sample_rate()
-    audio = decode_array(sample[AUDIO])
+    audio = schema.decode_array(sample[schema.AUDIO])
     save("wav", lambda p: soundfile.write(str(p), audio, sample_rate, subtype="FLOAT"))
-    logmel = decode_array(sample[LOGMEL]).astype(np.float32)  # [frames, mel_bins]
+    logmel = schema.decode_array(sample[schema.LOGMEL]).astype(np.float32)  # [frames, mel_bins]
     scaled = (logmel - logmel.min()) / max(float(np.ptp(logmel)), 1e-6)
     picture = (255 * scaled.T[::-1]).astype(np.uint8)  # low frequencies at the bottom
     save(
         "logmel.png",
         lambda p: Image.fromarray(picture).resize((picture.shape[1] * 2, picture.shape[0] * 2)).save(p),
     )
-    save("meta.json", lambda p: p.write_bytes(io.BytesIO(sample[META]).getvalue()))
+    save("meta.json", lambda p: p.write_bytes(io.BytesIO(sample[schema.META]).getvalue()))
     return written
 
 
