@@ -33,18 +33,9 @@ from ddeseg.models import build_model
 from ddeseg.pipelines.logmel import LogMelBatcher
 from ddeseg.pipelines.records import AVSS_CLASSES, AudioSpec
 from ddeseg.pipelines.sources.common import fit_length, read_audio
-from ddeseg.predict import (
-    AUDIO_PADDED,
-    AUDIO_TRACK,
-    SILENCE_AFTER_END,
-    SILENCE_NO_TRACK,
-    classes_present,
-    labels_at_size,
-    model_inputs,
-    predict_video,
-    resolve_class_names,
-    sample_frames,
-)
+from ddeseg.inference import resolve_class_names
+from ddeseg.predict import classes_present, labels_at_size, model_inputs, predict_video
+from ddeseg.video import AUDIO_PADDED, AUDIO_TRACK, SILENCE_AFTER_END, SILENCE_NO_TRACK, sample_frames
 
 SYNTH_RATE = 16_000  # the synthetic wavs' rate
 FPS_IN = 5  # frames/s of the test videos: each synthetic frame is shown for its whole second
