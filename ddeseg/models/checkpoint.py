@@ -81,6 +81,8 @@ FILE_SIGNATURES = (
     (b"\xff\xd8\xff", "a JPEG image"),
 )
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
+ZIP_END_MAGIC = b"PK\x05\x06"  # the end-of-central-directory record, in the last 64 KiB + 22 bytes
+ZIP_TAIL_BYTES = (1 << 16) + 22
 
 
 def _file_kind(path: Path) -> str | None:
@@ -150,10 +152,17 @@ def read_checkpoint_file(path: str | Path, map_location: str | torch.device = "c
 
 def _truncation(path: Path, reason: str) -> str | None:
     """Why a file that starts like a checkpoint looks cut short (None: it does not)."""
-    if "central directory" in reason or "failed reading zip archive" in reason or "file in archive is not" in reason:
-        return f"{path.stat().st_size} bytes, the zip archive is incomplete"
+    size = path.stat().st_size
+    with path.open("rb") as file:
+        is_zip = file.read(len(ZIP_MAGIC)) == ZIP_MAGIC
+        file.seek(max(0, size - ZIP_TAIL_BYTES))
+        tail = file.read()
+    if is_zip and ZIP_END_MAGIC not in tail:  # a whole zip ends with its central directory's end record
+        return f"{size} bytes, the zip archive has no end record"
+    if is_zip and ("central directory" in reason or "failed reading zip archive" in reason):
+        return f"{size} bytes, {reason}"
     if reason in ("EOFError", "Ran out of input") or "pickle data was truncated" in reason:
-        return f"{path.stat().st_size} bytes, the data ends early"
+        return f"{size} bytes, the data ends early"
     return None
 
 
