@@ -28,12 +28,12 @@ from ddeseg.data.shards import ShardIndex
 from ddeseg.data.stream import make_eval_loader
 from ddeseg.engine.evaluate import silent_logmel
 from ddeseg.errors import DDESegError
+from ddeseg.inference import resolve_class_names
 from ddeseg.metrics import predicted_labels
 from ddeseg.models import build_model
 from ddeseg.pipelines.logmel import LogMelBatcher
 from ddeseg.pipelines.records import AVSS_CLASSES, AudioSpec
 from ddeseg.pipelines.sources.common import fit_length, read_audio
-from ddeseg.inference import resolve_class_names
 from ddeseg.predict import classes_present, labels_at_size, model_inputs, predict_video
 from ddeseg.video import AUDIO_PADDED, AUDIO_TRACK, SILENCE_AFTER_END, SILENCE_NO_TRACK, sample_frames
 
