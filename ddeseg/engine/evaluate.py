@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -525,9 +526,11 @@ def run_evaluation(request: EvaluateRequest, context: DistributedContext) -> dic
         print_report(report, console)
         if report["partial"]:
             shards_note = ", ".join(report["skipped_shards"]) or "some shard"
-            console.print(
-                f"[yellow]warning[/]: partial result: {not_scored} of {total} frames of {task}/{split} not scored"
-                f" (unreadable data in {shards_note}; details in {errors_dir}); eval.json says \"partial\": true"
+            # print, not rich: one line whatever the terminal width, as the CLI's errors
+            print(
+                f"warning: partial result: {not_scored} of {total} frames of {task}/{split} not scored"
+                f" (unreadable data in {shards_note}; details in {errors_dir}); eval.json says \"partial\": true",
+                file=sys.stderr, flush=True,
             )
     return report
 
