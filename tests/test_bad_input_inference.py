@@ -24,26 +24,16 @@ import av
 import numpy as np
 import pytest
 import torch
+from test_bad_checkpoints import invoke
 from test_evaluate import NAMES, save_our_checkpoint, tiny_config, tiny_model, write_tiny_shards
 from typer.testing import CliRunner
 
 import ddeseg.progress
-from ddeseg.cli.app import _one_line, app
+from ddeseg.cli.app import app
 from ddeseg.config import save_config
 from ddeseg.data import schema
-from ddeseg.errors import DDESegError
 
 EMBED_DIM = 64  # tiny_config's model.audio_embed_dim
-
-
-def invoke(*args: str) -> tuple[int, str]:
-    """`ddeseg ARGS` as `ddeseg.cli.app.main` runs it: a `DDESegError` is exit 2 and one line."""
-    result = CliRunner().invoke(app, list(args), catch_exceptions=True)
-    if isinstance(result.exception, DDESegError):
-        return 2, f"error: {_one_line(result.exception)}"
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.output
 
 
 def digest(path: Path) -> str:
