@@ -418,7 +418,7 @@ def run_evaluation(request: EvaluateRequest, context: DistributedContext) -> dic
     with `counts.frames_not_scored` and `skipped_shards`, and a warning; `ddeseg evaluate` then
     exits 3 unless `--allow-partial`."""
     from ddeseg.data.shards import ShardIndex
-    from ddeseg.data.stream import count_data_errors, make_eval_loader, read_data_errors
+    from ddeseg.data.stream import count_data_errors, make_eval_loader
     from ddeseg.progress import console, stage_progress
 
     out_dir = require_output_folder(request.out_dir)
@@ -514,25 +514,34 @@ def run_evaluation(request: EvaluateRequest, context: DistributedContext) -> dic
             **{k: result[k] for k in ("num_videos", "num_empty_target_frames", "duplicate_frames") if k in result},
         },
     }
-    report["partial"] = not_scored > 0
-    if report["partial"]:
-        shards_read = {str(Path(shard)) for shard in shards}
-        report["skipped_shards"] = sorted(
-            str(Path(r["shard"]).relative_to(index.root)) if r["shard"] in shards_read else str(r["shard"])
-            for r in read_data_errors(errors_dir) if r.get("shard")
-        )
+    report.update(partial_result(not_scored, errors_dir, shards, index.root))
     if context.is_main:
         write_outputs(report, collector, out_dir, class_names)
         print_report(report, console)
         if report["partial"]:
-            shards_note = ", ".join(report["skipped_shards"]) or "some shard"
             # print, not rich: one line whatever the terminal width, as the CLI's errors
             print(
-                f"warning: partial result: {not_scored} of {total} frames of {task}/{split} not scored"
-                f" (unreadable data in {shards_note}; details in {errors_dir}); eval.json says \"partial\": true",
+                f"warning: partial result: {not_scored} of {total} frames of {task}/{split} not scored (unreadable"
+                f" data in {', '.join(report['skipped_shards']) or 'a shard'}; details in {errors_dir});"
+                ' eval.json says "partial": true',
                 file=sys.stderr, flush=True,
             )
     return report
+
+
+def partial_result(not_scored: int, errors_dir: Path, shards: Sequence[str], root: Path) -> dict[str, Any]:
+    """eval.json's `partial` (frames of the split not scored) and, when partial, `skipped_shards`:
+    the shards the loaders logged as unreadable, relative to the shard folder `root`."""
+    from ddeseg.data.stream import read_data_errors
+
+    if not_scored <= 0:
+        return {"partial": False}
+    read = {str(Path(shard)) for shard in shards}
+    logged = {str(r["shard"]) for r in read_data_errors(errors_dir) if r.get("shard")}
+    return {
+        "partial": True,
+        "skipped_shards": sorted(str(Path(shard).relative_to(root)) if shard in read else shard for shard in logged),
+    }
 
 
 def _plain(entry: dict[str, Any], drop: Sequence[str] = ()) -> dict[str, Any]:
