@@ -24,7 +24,14 @@ Examples:
 Writes OUT/eval.json (DDESeg protocol: miou, fscore, f1, per_class; AVSBench protocol:
 avsbench_miou, avsbench_fscore), OUT/eval.md and OUT/pictures/*.png (image | ground truth |
 prediction for the first --pictures frames by key, and worst-frames.png).
+
+Exit status: 0 the whole split was scored; 2 bad input (one line naming the file or option,
+before any work: e.g. a file that is not a checkpoint, a checkpoint of another architecture than
+--config, a memory bank of another class count); 3 the split was not scored whole (frames of a
+cut or corrupt shard skipped): eval.json is still written, with "partial": true,
+counts.frames_not_scored and skipped_shards; --allow-partial accepts such a result (exit 0).
 """
+PARTIAL_EXIT = 3  # a result on less than the whole split: written, marked, but not a success
 
 
 class AudioControlChoice(str, Enum):  # the values of ddeseg.engine.evaluate.AUDIO_CONTROLS
@@ -35,7 +42,7 @@ class AudioControlChoice(str, Enum):  # the values of ddeseg.engine.evaluate.AUD
 
 @app.command("evaluate", no_args_is_help=True, epilog=EPILOG)
 def evaluate_command(
-    checkpoint: Path = typer.Option(..., "--checkpoint", exists=True, dir_okay=False, help="best.pt/last.pt from `ddeseg train`, or an official DDESeg checkpoint (then --config and --memory-bank)."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="best.pt/last.pt from `ddeseg train`, or an official DDESeg checkpoint (then --config and --memory-bank)."),
     shards: Path = typer.Option(..., "--shards", exists=True, file_okay=False, help="Shard directory written by `ddeseg prepare`."),
     out: Path = typer.Option(..., "--out", help="Output directory: eval.json, eval.md, pictures/."),
     task: str | None = typer.Option(None, "--task", help="Task to evaluate (v1s, v1m, v2, VPO-SS, VPO-MS, VPO-MSMI); default: the checkpoint's config."),
@@ -49,6 +56,7 @@ def evaluate_command(
     workers: int | None = typer.Option(None, "--workers", min=0, help="Loader workers per process; default data.num_workers."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda or cuda:N; default: the local GPU when present."),
     override: list[str] = typer.Option([], "--set", help="Config override, e.g. --set data.eval_batch_size=8 (repeatable)."),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="Exit 0 even when frames of the split could not be scored (eval.json still says \"partial\": true)."),
 ) -> None:
     """Score a checkpoint on a split with the DDESeg and AVSBench protocols, in one process or under torchrun."""
     from ddeseg.distributed import init_distributed, shutdown_distributed
@@ -71,6 +79,13 @@ def evaluate_command(
     )
     context = init_distributed(device)
     try:
-        run_evaluation(request, context)
+        report = run_evaluation(request, context)
     finally:
         shutdown_distributed()
+    if report["partial"] and not allow_partial:
+        typer.echo(
+            f"error: partial result: {report['counts']['frames_not_scored']} of {report['counts']['frames_in_manifest']}"
+            f" frames not scored (see {out}/eval.json); pass --allow-partial to accept it",
+            err=True,
+        )
+        raise typer.Exit(PARTIAL_EXIT)

@@ -82,14 +82,12 @@ def atomic_torch_save(payload: dict[str, Any], path: str | Path) -> Path:
 
 
 def load_training_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a ddeseg training checkpoint (weights only). Raises `CheckpointError` with the reason."""
+    """Load a ddeseg training checkpoint through the one safe loader
+    (`ddeseg.models.checkpoint.read_checkpoint_file`, weights only). Raises `CheckpointError`."""
+    from ddeseg.models.checkpoint import read_checkpoint_file
+
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise CheckpointError(f"{path}: cannot be loaded as a weights-only checkpoint ({error})") from None
+    payload = read_checkpoint_file(path, map_location=map_location)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(
             f"{path}: not a ddeseg training checkpoint (format {payload.get('format') if isinstance(payload, dict) else type(payload).__name__!r});"

@@ -30,22 +30,13 @@ from ddeseg.data.shards import ShardIndex
 from ddeseg.data.stream import make_eval_loader
 from ddeseg.engine.evaluate import silent_logmel
 from ddeseg.errors import DDESegError
+from ddeseg.inference import resolve_class_names
 from ddeseg.metrics import predicted_labels
 from ddeseg.models import build_model
 from ddeseg.pipelines.records import AudioSpec
 from ddeseg.pipelines.sources.common import read_audio
-from ddeseg.predict import (
-    AUDIO_PADDED,
-    AUDIO_TRACK,
-    SILENCE_AFTER_END,
-    SILENCE_NO_TRACK,
-    classes_present,
-    labels_at_size,
-    model_inputs,
-    predict_video,
-    resolve_class_names,
-    sample_frames,
-)
+from ddeseg.predict import classes_present, labels_at_size, model_inputs, predict_video
+from ddeseg.video import AUDIO_PADDED, AUDIO_TRACK, SILENCE_AFTER_END, SILENCE_NO_TRACK, sample_frames
 
 SYNTH_RATE = 16_000  # the synthetic wavs' rate
 FPS_IN = 5  # frames/s of the test videos: each synthetic frame is shown for its whole second

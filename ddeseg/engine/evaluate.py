@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ import torch.nn.functional as F
 from ddeseg.config import Config
 from ddeseg.distributed import DistributedContext, barrier
 from ddeseg.errors import DDESegError
+from ddeseg.inference import load_for_inference, require_bank_classes, require_output_folder
 from ddeseg.metrics import AVSBenchBinaryMeter, SegmentationMeter, foreground_logits, predicted_labels
 from ddeseg.visualize import FramePicture, contact_sheet, denormalize_images, picture_name, save_png, triptych
 
@@ -400,74 +402,26 @@ class EvaluateRequest:
     show_progress: bool = True
 
 
-def load_for_evaluation(request: EvaluateRequest) -> tuple[torch.nn.Module, Config, dict[str, Any]]:
-    """Build the model of a checkpoint (ours or an official full one) and its config.
-
-    Returns the model (CPU, eval mode), the config (with `--task` applied) and a description
-    (`format`, `load_report`, `memory_bank`, `classes` stored in the checkpoint, `step`).
-    """
-    from ddeseg.checkpoint import FORMAT
-    from ddeseg.config import config_from_dict, load_config
-    from ddeseg.errors import CheckpointError
-    from ddeseg.models import build_model, load_checkpoint
-    from ddeseg.models.checkpoint import read_checkpoint_file
-
-    path = Path(request.checkpoint)
-    payload = read_checkpoint_file(path)
-    ours = isinstance(payload, dict) and payload.get("format") == FORMAT
-    overrides = list(request.overrides) + ([f"task={request.task}"] if request.task else [])
-    stored = {"classes": list(payload.get("classes") or []), "step": payload.get("step")} if ours else {}
-    if ours and request.config_path is None:
-        config = config_from_dict(payload["config"], overrides)
-    elif request.config_path is not None:
-        config = load_config(request.config_path, overrides)
-    else:
-        raise DDESegError(
-            f"{path} is not a ddeseg training checkpoint (no config inside): pass --config CFG.yaml"
-            " with the model it was trained with (e.g. configs/v2.yaml for an official v2 checkpoint)"
-        )
-
-    model = build_model(config.model)
-    report = load_checkpoint(model, payload)
-    del payload
-    if report.format != "ddeseg":
-        raise CheckpointError(
-            f"{path} is a {report.format} checkpoint (part of the model only); evaluate a full DDESeg checkpoint"
-            " (ours from `ddeseg train`, or an official one)"
-        )
-    if request.memory_bank is not None:
-        bank_path = Path(request.memory_bank)
-        if not bank_path.is_file():
-            raise DDESegError(f"memory bank not found: {bank_path}")
-        model.set_memory_bank(np.load(bank_path, allow_pickle=False))
-    elif getattr(model, "memory_bank", None) is None:
-        raise DDESegError(
-            f"{path} holds no audio memory bank (official checkpoints do not): pass --memory-bank"
-            " BANK_DIR/bank.npy from `ddeseg build-memory-bank`"
-        )
-    model.eval()
-    info = {
-        "format": FORMAT if ours else "official",
-        "load_report": report.summary(),
-        "load_incomplete": bool(report.missing or report.mismatched),
-        "memory_bank": str(request.memory_bank) if request.memory_bank is not None else "checkpoint",
-        "classes": list(stored.get("classes") or []),
-        "step": stored.get("step"),
-    }
-    return model, config, info
 
 
 def run_evaluation(request: EvaluateRequest, context: DistributedContext) -> dict[str, Any]:
     """Evaluate a checkpoint on a split of prepared shards and, on rank 0, write `eval.json`,
-    `eval.md` and `pictures/` into `request.out_dir`. Returns the eval.json dict (every rank)."""
+    `eval.md` and `pictures/` into `request.out_dir`. Returns the eval.json dict (every rank).
+
+    A split not scored whole (frames of a corrupt or cut shard skipped) gives `"partial": true`
+    with `counts.frames_not_scored` and `skipped_shards`, and a warning; `ddeseg evaluate` then
+    exits 3 unless `--allow-partial`."""
     from ddeseg.data.shards import ShardIndex
     from ddeseg.data.stream import count_data_errors, make_eval_loader
     from ddeseg.progress import console, stage_progress
 
+    out_dir = require_output_folder(request.out_dir)
     if request.audio_control not in AUDIO_CONTROLS:
         raise DDESegError(f"--audio-control {request.audio_control!r} is not one of {', '.join(AUDIO_CONTROLS)}")
     index = ShardIndex(request.shards_dir)
-    model, config, info = load_for_evaluation(request)
+    overrides = list(request.overrides) + ([f"task={request.task}"] if request.task else [])
+    loaded = load_for_inference(request.checkpoint, request.config_path, overrides, request.memory_bank)
+    model, config = loaded.model, loaded.config
     index.check_frontend(model, checkpoint=request.checkpoint)  # shards' log-mels vs the model's filterbank
     task, split = config.task, request.split
     expected = index.num_outputs(task)
@@ -476,10 +430,11 @@ def run_evaluation(request: EvaluateRequest, context: DistributedContext) -> dic
             f"the model has {config.model.num_classes} output classes but task {task!r} of {index.root} needs"
             f" {expected}: evaluate it on its own task (--task) or with the matching --config"
         )
+    require_bank_classes(loaded, len(index.bank_class_ids(task)), f"{task} of {index.root}")
     class_names = index.task_class_names(task)
-    if info["load_incomplete"] and context.is_main:
-        console.print(f"[yellow]warning[/]: the checkpoint does not fill the model: {info['load_report']}")
-    if info["classes"] and info["classes"] != index.class_names() and context.is_main:
+    if loaded.warning() and context.is_main:
+        console.print(f"[yellow]warning[/]: {loaded.warning()}")
+    if loaded.classes and loaded.classes != index.class_names() and context.is_main:
         console.print(f"[yellow]warning[/]: the checkpoint's class list differs from the one of {index.root}")
     shards = index.shards(task, split)
     total = index.count(task, split, annotated_only=True)
@@ -487,7 +442,6 @@ def run_evaluation(request: EvaluateRequest, context: DistributedContext) -> dic
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     model.to(context.device)
-    out_dir = Path(request.out_dir)
     errors_dir = out_dir / "data_errors"
     if context.is_main and errors_dir.exists():
         shutil.rmtree(errors_dir)  # a previous run's skips are not this run's
@@ -518,8 +472,10 @@ def run_evaluation(request: EvaluateRequest, context: DistributedContext) -> dic
             class_names=class_names,
             progress=(bar, task_id),
         )
-        bar.update(task_id, completed=total)
+        # The frames scored, not the manifest's count: a bar must not claim a split it did not score.
+        bar.update(task_id, completed=result["num_frames"])
     barrier()  # every rank's loader workers have written their error logs
+    not_scored = max(0, total - int(result["num_frames"]))
     report = {
         "miou": result["miou"],
         "fscore": result["fscore"],
@@ -533,9 +489,9 @@ def run_evaluation(request: EvaluateRequest, context: DistributedContext) -> dic
         "binary": result["binary"],
         "num_classes": result["num_classes"],
         "checkpoint": str(request.checkpoint),
-        "checkpoint_format": info["format"],
-        "checkpoint_step": info["step"],
-        "memory_bank": info["memory_bank"],
+        "checkpoint_format": loaded.format,
+        "checkpoint_step": loaded.step,
+        "memory_bank": loaded.memory_bank,
         "audio_control": request.audio_control,
         "audio_control_unchanged_frames": result["audio_control_unchanged_frames"],
         "counts": {
@@ -543,15 +499,40 @@ def run_evaluation(request: EvaluateRequest, context: DistributedContext) -> dic
             "frames_in_manifest": total,
             "pixels": result["num_pixels"],
             "classes_evaluated": result["num_classes_evaluated"],
+            "frames_not_scored": not_scored,
             "skipped_samples": count_data_errors(errors_dir),
             "world_size": context.world_size,
             **{k: result[k] for k in ("num_videos", "num_empty_target_frames", "duplicate_frames") if k in result},
         },
     }
+    report.update(partial_result(not_scored, errors_dir, shards, index.root))
     if context.is_main:
         write_outputs(report, collector, out_dir, class_names)
         print_report(report, console)
+        if report["partial"]:
+            # print, not rich: one line whatever the terminal width, as the CLI's errors
+            print(
+                f"warning: partial result: {not_scored} of {total} frames of {task}/{split} not scored (unreadable"
+                f" data in {', '.join(report['skipped_shards']) or 'a shard'}; details in {errors_dir});"
+                ' eval.json says "partial": true',
+                file=sys.stderr, flush=True,
+            )
     return report
+
+
+def partial_result(not_scored: int, errors_dir: Path, shards: Sequence[str], root: Path) -> dict[str, Any]:
+    """eval.json's `partial` (frames of the split not scored) and, when partial, `skipped_shards`:
+    the shards the loaders logged as unreadable, relative to the shard folder `root`."""
+    from ddeseg.data.stream import read_data_errors
+
+    if not_scored <= 0:
+        return {"partial": False}
+    read = {str(Path(shard)) for shard in shards}
+    logged = {str(r["shard"]) for r in read_data_errors(errors_dir) if r.get("shard")}
+    return {
+        "partial": True,
+        "skipped_shards": sorted(str(Path(shard).relative_to(root)) if shard in read else shard for shard in logged),
+    }
 
 
 def _plain(entry: dict[str, Any], drop: Sequence[str] = ()) -> dict[str, Any]:

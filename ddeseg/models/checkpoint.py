@@ -21,7 +21,8 @@ Use `model.frontend()` (not a fresh `LogMelFrontend(cfg)`) to compute log-mels w
 
 from __future__ import annotations
 
-import pickle
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,21 +73,97 @@ def _numpy_safe_globals() -> list[Any]:
     return types
 
 
-def read_checkpoint_file(path: str | Path) -> Any:
-    """`torch.load(path, map_location='cpu', weights_only=True)`, with numpy arrays allowed and
-    every failure turned into a `CheckpointError` that names the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+# What a file that is not a checkpoint starts with, to say what it is instead.
+FILE_SIGNATURES = (
+    (b"\x93NUMPY", "a NumPy .npy array"),
+    (b"PAR1", "a Parquet table"),
+    (b"\x89PNG", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+)
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
+ZIP_END_MAGIC = b"PK\x05\x06"  # the end-of-central-directory record, in the last 64 KiB + 22 bytes
+ZIP_TAIL_BYTES = (1 << 16) + 22
+
+
+def _file_kind(path: Path) -> str | None:
+    """What the file looks like when it is not a PyTorch checkpoint (None: it could be one)."""
+    with path.open("rb") as file:
+        head = file.read(512)
+    if head.startswith(ZIP_MAGIC) or head.startswith(b"\x80"):  # zip, or a pickle (pre-1.6 torch.save)
+        return None
+    for magic, kind in FILE_SIGNATURES:
+        if head.startswith(magic):
+            return kind
     try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(
-            f"{path}: cannot be read as a weights-only torch checkpoint ({first_line}); "
-            "re-save it as a plain state dict of tensors"
-        ) from None
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "binary data of an unknown format"
+    return "a text file, e.g. a YAML config"
+
+
+def _torch_reason(error: Exception) -> str:
+    """The useful part of a `torch.load` error, on one line and without PyTorch's advice to retry
+    with `weights_only=False` (which would run the file's code: never for a file from elsewhere)."""
+    text = " ".join(str(error).split())
+    unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if unsupported:
+        return f"it holds a pickled Python object ({unsupported.group(1)}), which a weights-only load refuses"
+    detail = re.search(r"WeightsUnpickler error: (.*?)(?: Check the| Please file an issue|$)", text)
+    if detail:
+        text = detail.group(1)
+    if "weights_only" in text or not text:  # only PyTorch's advice left: name the error instead
+        text = type(error).__name__
+    return text[:200]
+
+
+def read_checkpoint_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """The one safe `torch.load` of ddeseg: `weights_only=True` always (numpy arrays allowed as
+    plain data), and every failure one `CheckpointError` line that names the file and says what
+    it is instead (a text file, a .npy, random bytes, a truncated file, a folder, ...).
+
+    Used for every checkpoint a user passes (evaluate, predict, train --init/--resume,
+    --audio-checkpoint of prepare and build-memory-bank)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: a folder, not a checkpoint file; pass the .pt/.pth file in it (e.g. RUN_DIR/best.pt)")
+    try:
+        size = path.stat().st_size
+        kind = _file_kind(path) if size else "an empty file (0 bytes)"
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot be read ({error.strerror or error})") from None
+    if kind is not None:
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({kind}); pass a .pt/.pth file written by torch.save")
+    try:
+        with warnings.catch_warnings(), torch.serialization.safe_globals(_numpy_safe_globals()):
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the error below says it all
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # noqa: BLE001 - whatever the unpickler hits, the file is the problem
+        reason = _torch_reason(error)
+    truncated = _truncation(path, reason)
+    if truncated is not None:
+        raise CheckpointError(f"{path}: a truncated or corrupt PyTorch checkpoint ({truncated}); copy or download it again")
+    raise CheckpointError(
+        f"{path}: cannot be read as a weights-only PyTorch checkpoint ({reason}); "
+        "re-save it as a plain state dict of tensors"
+    )
+
+
+def _truncation(path: Path, reason: str) -> str | None:
+    """Why a file that starts like a checkpoint looks cut short (None: it does not)."""
+    size = path.stat().st_size
+    with path.open("rb") as file:
+        is_zip = file.read(len(ZIP_MAGIC)) == ZIP_MAGIC
+        file.seek(max(0, size - ZIP_TAIL_BYTES))
+        tail = file.read()
+    if is_zip and ZIP_END_MAGIC not in tail:  # a whole zip ends with its central directory's end record
+        return f"{size} bytes, the zip archive has no end record"
+    if is_zip and ("central directory" in reason or "failed reading zip archive" in reason):
+        return f"{size} bytes, {reason}"
+    if reason in ("EOFError", "Ran out of input") or "pickle data was truncated" in reason:
+        return f"{size} bytes, the data ends early"
+    return None
 
 
 def _state_dict_of(payload: Any, source: str) -> dict[str, torch.Tensor]:

@@ -1,0 +1,329 @@
+"""The `ddeseg predict` stage: every video of a request into its own folder.
+
+Outputs of `predict_to_directory` (`ddeseg predict`), per video under `OUT/{video stem}/`
+------------------------------------------------------------------------------------------------
+- `masks/{k:06d}.png`: 8-bit 'L' PNG of class ids (0 = background) at the video's frame size;
+- `overlays/{k:06d}.png`: the frame with the classes blended in the project palette
+  (`ddeseg.visualize.overlay`) and, on the right, a legend panel: time, audio source, and per
+  class present its colour, name and pixel share;
+- `overlay.mp4`: the overlay pictures at F frames/s (F capped at the video's frame rate: above it
+  every extra sample would repeat a frame; a warning says so) (H.264, or MPEG-4 Part 2 when the PyAV build
+  has no libx264; padded to even sizes) with the source's whole audio track re-encoded to AAC;
+  no audio stream when the source has none;
+- `predictions.json`: see `PREDICTIONS_VERSION` and `FramePrediction.to_json`: per frame its
+  index, `time_s` (= k / F), `frame_time_s` (timestamp of the frame shown), audio source, and the
+  classes present with `pixel_fraction` and `box` (normalised `[x0, y0, x1, y1]`, inclusive pixel
+  indices / size, the convention of `ddeseg.pipelines.bboxes`).
+A video's folder is written under a temporary name and renamed at the end: a failed video leaves
+nothing behind (nor does a run whose every video fails: no empty `OUT`), and a re-run replaces the
+previous result whole. Two inputs with the same stem in one run get `{stem}`, `{stem}-2`, ...
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import av
+import av.logging
+import numpy as np
+import torch
+from PIL import Image
+
+from ddeseg.config import Config
+from ddeseg.errors import DDESegError
+from ddeseg.fileio import building_directory
+from ddeseg.inference import InferenceModel, load_for_inference, require_output_folder, resolve_class_names
+from ddeseg.predict import MASKS_DIR, OVERLAYS_DIR, frame_name, overlay_with_legend, predict_video
+from ddeseg.video import (
+    OverlayVideoWriter,
+    VideoError,
+    VideoInfo,
+    ffmpeg_reason,
+    first_video_time,
+    probe_video,
+)
+from ddeseg.visualize import voc_palette
+
+PREDICTIONS_VERSION = 1
+PREDICTIONS_FILE, OVERLAY_VIDEO = "predictions.json", "overlay.mp4"
+
+
+# --------------------------------------------------------------------------------------------
+# The request and its model
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PredictRequest:
+    """Inputs of `run_predict` (what `ddeseg predict` parses)."""
+
+    checkpoint: Path
+    videos: list[Path]
+    out_dir: Path
+    frames_per_second: float = 1.0  # capped at each video's frame rate (`sampling_rate`)
+    device: str | None = None
+    batch_size: int = 8
+    classes_file: Path | None = None
+    config_path: Path | None = None  # required for official checkpoints; replaces a stored config
+    memory_bank: Path | None = None  # required for official checkpoints (they hold no bank)
+    allow_no_audio: bool = False
+    show_progress: bool = True
+
+
+def load_predictor(request: PredictRequest) -> tuple[torch.nn.Module, Config, list[str], InferenceModel]:
+    """Model (on the requested device, eval mode), config, class names and the loaded checkpoint
+    (`ddeseg.inference.load_for_inference`)."""
+    from ddeseg.distributed import resolve_device
+
+    loaded = load_for_inference(
+        request.checkpoint, request.config_path, memory_bank=request.memory_bank, device=resolve_device(request.device)
+    )
+    class_names = resolve_class_names(loaded.config, loaded.classes, request.classes_file)
+    return loaded.model, loaded.config, class_names, loaded
+
+
+def sampling_rate(video_frame_rate: float | None, requested: float) -> float:
+    """Frames sampled per second: `requested`, capped at the video's frame rate (above it every
+    extra sample would repeat a frame already written)."""
+    if video_frame_rate and requested > video_frame_rate * (1 + 1e-6):
+        return video_frame_rate
+    return requested
+
+
+# --------------------------------------------------------------------------------------------
+# One video to a folder, and the `ddeseg predict` stage
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VideoResult:
+    """What happened to one input video (a row of the final table)."""
+
+    path: Path
+    out_dir: Path | None = None
+    error: str | None = None
+    frames: int = 0
+    audio: str = ""
+    classes: dict[str, dict[str, float]] = field(default_factory=dict)  # name -> frames, mean fraction
+
+
+def predict_to_directory(
+    path: str | Path,
+    model: torch.nn.Module,
+    config: Config,
+    class_names: Sequence[str],
+    out_dir: str | Path,
+    *,
+    frames_per_second: float = 1.0,
+    batch_size: int = 8,
+    allow_no_audio: bool = False,
+    checkpoint: str | None = None,
+    progress: Any = None,
+) -> VideoResult:
+    """Predict one video and write `out_dir/` (masks, overlays, overlay.mp4, predictions.json).
+
+    `out_dir` is written as `.{name}.partial` beside it and renamed at the end (replacing an old
+    one). `frames_per_second` above the video's frame rate is capped at it, with a warning on
+    stderr. `progress`: a rich `Progress` to add this video's bar to. Raises `VideoError`."""
+    path, out_dir = Path(path), Path(out_dir)
+    info = probe_video(path, allow_no_audio)
+    rate = sampling_rate(info.frame_rate, frames_per_second)
+    if rate != frames_per_second:
+        print(
+            f"warning: {path}: --frames-per-second {frames_per_second:g} is above the video's {rate:g}"
+            f" frames/s; sampling {rate:g} frames/s (every frame once)",
+            file=sys.stderr, flush=True,
+        )
+    task = None if progress is None else progress.add_task(path.name[:18], total=info.expected_frames(rate))
+    frames: list[dict[str, Any]] = []
+    try:
+        with building_directory(out_dir) as temporary:
+            (temporary / MASKS_DIR).mkdir()
+            (temporary / OVERLAYS_DIR).mkdir()
+            writer = OverlayVideoWriter(
+                temporary / OVERLAY_VIDEO, rate, path if info.has_audio else None, first_video_time(path)
+            )
+            finished = False
+            try:
+                palette, audio_note = voc_palette(), None if info.has_audio else "no audio: silence"
+                for prediction in predict_video(
+                    path, model, config, class_names,
+                    frames_per_second=rate, batch_size=batch_size, allow_no_audio=allow_no_audio,
+                ):
+                    name = frame_name(prediction.index)
+                    Image.fromarray(prediction.mask, mode="L").save(temporary / MASKS_DIR / name, optimize=False)
+                    picture = overlay_with_legend(prediction, palette, audio_note)
+                    # Fast compression: the overlays are pictures to look at, written once per frame.
+                    Image.fromarray(picture, mode="RGB").save(temporary / OVERLAYS_DIR / name, compress_level=1)
+                    writer.write(picture)
+                    frames.append(prediction.to_json())
+                    if progress is not None:
+                        progress.advance(task)
+                finished = True
+            finally:
+                writer.close(finish=finished)
+            document = predictions_document(path, info, frames, class_names, config, rate, frames_per_second)
+            document["checkpoint"] = checkpoint
+            if info.has_audio:
+                document["audio"]["overlay_mp4"] = "copied" if writer.audio_copied else "re-encoded to AAC"
+            (temporary / PREDICTIONS_FILE).write_text(json.dumps(document, indent=1) + "\n")
+    finally:
+        if progress is not None and task is not None:
+            progress.update(task, total=len(frames), completed=len(frames))
+    return VideoResult(
+        path=path,
+        out_dir=out_dir,
+        frames=len(frames),
+        audio="track" if info.has_audio else "silence (no track)",
+        classes=dict(document["summary"]),
+    )
+
+
+def predictions_document(
+    path: Path,
+    info: VideoInfo,
+    frames: list[dict[str, Any]],
+    class_names: Sequence[str],
+    config: Config,
+    frames_per_second: float,
+    requested_frames_per_second: float,
+) -> dict[str, Any]:
+    """The `predictions.json` dict of a video's frames (`FramePrediction.to_json` each); the
+    caller adds `checkpoint` and `audio.overlay_mp4`."""
+    seen: dict[str, list[float]] = {}
+    for frame in frames:
+        for entry in frame["classes"]:
+            seen.setdefault(entry["name"], []).append(entry["pixel_fraction"])
+    summary = {
+        name: {"frames": len(fractions), "mean_pixel_fraction": round(float(np.mean(fractions)), 6)}
+        for name, fractions in sorted(seen.items(), key=lambda item: (-len(item[1]), item[0]))
+    }
+    return {
+        "version": PREDICTIONS_VERSION,
+        "video": str(path),
+        "checkpoint": None,
+        "width": info.width,
+        "height": info.height,
+        "duration_s": info.duration_s,
+        "frames_per_second": frames_per_second,
+        "frames_per_second_requested": requested_frames_per_second,
+        "audio": {
+            "track": info.has_audio,
+            "silence": not info.has_audio,
+            "note": None if info.has_audio else "the video has no audio track: predicted with silence (--allow-no-audio)",
+            "sources": sorted({frame["audio"] for frame in frames}),
+            "overlay_mp4": None,
+            "window": f"frame k at time_s = k / {frames_per_second:g} hears [time_s, time_s + {config.data.clip_seconds:g})"
+            " of the track, mono, resampled to the model's rate",
+        },
+        "class_names": list(class_names),
+        "box_format": "[x0, y0, x1, y1] normalised: inclusive pixel indices / width or height",
+        "summary": summary,
+        "frames": frames,
+    }
+
+
+def output_names(videos: Sequence[Path]) -> list[str]:
+    """Folder name per input: its stem, `{stem}-2`, `{stem}-3`, ... for repeated stems."""
+    used: dict[str, int] = {}
+    names = []
+    for video in videos:
+        stem = video.stem or "video"
+        used[stem] = used.get(stem, 0) + 1
+        names.append(stem if used[stem] == 1 else f"{stem}-{used[stem]}")
+    return names
+
+
+def run_predict(request: PredictRequest) -> list[VideoResult]:
+    """`ddeseg predict`: every video of the request into `out_dir/{stem}/`.
+
+    A bad video is reported on stderr on one line (`error: PATH: reason`) and skipped; the others
+    are still done. Returns one `VideoResult` per input (with `error` set for the failed ones).
+    Bad options, an `--out` that is a file and checkpoint problems raise `DDESegError` before any
+    video is touched; an output folder this run created stays only if a video was written in it."""
+    require_output_folder(request.out_dir)
+    if not request.frames_per_second > 0:
+        raise DDESegError(f"--frames-per-second must be > 0, got {request.frames_per_second}")
+    if request.batch_size < 1:
+        raise DDESegError(f"--batch-size must be >= 1, got {request.batch_size}")
+    model, config, class_names, loaded = load_predictor(request)
+    # FFmpeg's own messages off (torchvision turns them on when imported): a bad video is
+    # reported on our one line, not with decoder chatter around it.
+    ffmpeg_log_level = av.logging.get_level()
+    av.logging.set_level(None)
+    try:
+        return _predict_all(request, model, config, class_names, loaded)
+    finally:
+        av.logging.set_level(ffmpeg_log_level)
+
+
+def _predict_all(
+    request: PredictRequest, model: torch.nn.Module, config: Config, class_names: list[str], loaded: InferenceModel
+) -> list[VideoResult]:
+    from ddeseg.progress import console
+
+    if loaded.warning():
+        console.print(f"[yellow]warning[/]: {loaded.warning()}")
+    out_root = Path(request.out_dir)
+    created = [folder for folder in (out_root, *out_root.parents) if not folder.exists()]
+    try:
+        results = _predict_videos(request, model, config, class_names, out_root)
+    finally:
+        for folder in created:  # innermost first: a run that wrote nothing leaves no empty folder
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+    print_summary(results, class_names, console)
+    return results
+
+
+def _predict_videos(
+    request: PredictRequest, model: torch.nn.Module, config: Config, class_names: list[str], out_root: Path
+) -> list[VideoResult]:
+    from ddeseg.progress import stage_progress
+
+    results = []
+    for video, name in zip(request.videos, output_names(request.videos), strict=True):
+        video = Path(video)
+        bar = stage_progress("frames", enabled=request.show_progress)
+        try:
+            with bar:
+                result = predict_to_directory(
+                    video, model, config, class_names, out_root / name,
+                    frames_per_second=request.frames_per_second, batch_size=request.batch_size,
+                    allow_no_audio=request.allow_no_audio, checkpoint=str(request.checkpoint), progress=bar,
+                )
+        except VideoError as error:
+            result = VideoResult(path=video, error=str(error))
+        except (av.error.FFmpegError, OSError) as error:
+            result = VideoResult(path=video, error=f"{video}: {ffmpeg_reason(error)}")
+        if result.error is not None:
+            # One line, whatever the terminal width (rich would wrap it).
+            print(f"error: {' '.join(result.error.split())}", file=sys.stderr, flush=True)
+        results.append(result)
+    return results
+
+
+def print_summary(results: Sequence[VideoResult], class_names: Sequence[str], console: Any) -> None:
+    """A rich table: per video, its frames, its audio, and the classes heard and seen."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title="heard and seen (sounding objects the model segmented)")
+    for column in ("video", "frames", "audio", "classes (frames, mean area)", "output"):
+        table.add_column(column, justify="right" if column == "frames" else "left")
+    for result in results:
+        if result.error is not None:
+            reason = result.error.removeprefix(f"{result.path}: ")
+            table.add_row(Text(result.path.name), "–", "–", Text("failed", style="red"), Text(reason))
+            continue
+        heard = ", ".join(
+            f"{name} ({entry['frames']}, {100 * entry['mean_pixel_fraction']:.1f}%)" for name, entry in result.classes.items()
+        ) or "nothing"
+        output = f"{result.out_dir.name}/" if result.out_dir is not None else "–"
+        table.add_row(Text(result.path.name), str(result.frames), result.audio, Text(heard), Text(output))
+    console.print(table)
