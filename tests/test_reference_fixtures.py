@@ -152,7 +152,7 @@ def test_one_training_step_matches_the_official_step(train_step, step_models, va
     for ours, theirs in (("ce_loss", "ce_loss"), ("dice_loss", "dice_loss"), ("iou_loss", "iou")):
         reference = fixture[f"{prefix}loss/{theirs}"]
         np.testing.assert_allclose(float(terms[ours]), reference, rtol=rtol[ours], err_msg=ours)
-    np.testing.assert_allclose(float(total), fixture[f"{prefix}total_loss"], rtol=1e-7 if classes == 1 else 1e-10)
+    np.testing.assert_allclose(total.detach().item(), fixture[f"{prefix}total_loss"], rtol=1e-7 if classes == 1 else 1e-10)
 
     parameters = dict(model.named_parameters())
     grad_keys = list(fixture["named_grad_keys"]) + (list(fixture["named_grad_keys_v2_extra"]) if variant == "v2" else [])
