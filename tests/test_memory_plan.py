@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_bf16 import deterministic_tiny
 from test_model_behaviour import single_threaded_torch  # noqa: F401 (autouse fixture)
 from torch import nn
 
@@ -13,7 +14,6 @@ from ddeseg.config import load_config
 from ddeseg.errors import DDESegError
 from ddeseg.losses import SegmentationLoss
 from ddeseg.models import build_model
-from ddeseg.models.aligner import GumbelClustering
 from ddeseg.models.layers import run_checkpointed
 
 GPU_PARTS = ("visual_blocks", "aligners", "head")
@@ -60,6 +60,13 @@ def test_saved_tensor_count_by_hand(batch):
     # Checkpointing the segment keeps its input x and fc2's input; the ReLU output is rebuilt.
     checkpointed = memory.count_saved_tensors(_Toy(True), x, x, None, _SumLoss())
     assert checkpointed == memory.SavedTensorCount(4 * batch * 20, 4 * batch * (4 + 8), 4 * batch * 8)
+    # A real checkpointed forward (no probe) saves exactly what the probe calls kept: the
+    # segment's input (torch saves it for the recompute) and fc2's input.
+    seen = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(t) or t, lambda t: t):
+        out = _Toy(True)(x, x).sum()
+    out.backward()
+    assert [tuple(t.shape) for t in seen if t.ndim == 2 and t.shape[0] == batch] == [(batch, 4), (batch, 8)]
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +88,12 @@ def test_plan_is_within_10_percent_of_the_count_and_monotone(tiny, tiny_model, p
     model.set_activation_checkpointing(parts)
     batch = memory._measurement_batch(tiny, 3, torch.device("cpu"), torch.Generator().manual_seed(5))
     counted = memory.count_saved_tensors(model, *batch, SegmentationLoss(tiny.loss, 3))
+    if parts:  # a real checkpointed forward, no probe: autograd keeps exactly the probe's `kept`
+        excluded = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+        real = memory._SavedTensorCounter(excluded)
+        with torch.autograd.graph.saved_tensors_hooks(real.pack, lambda t: t):
+            SegmentationLoss(tiny.loss, 3)(model(*batch[:2]), batch[2])
+        assert real.count().kept_bytes == counted.kept_bytes
     model.set_activation_checkpointing(())
     planned = memory.plan(tiny, 3, "fp32", parts, profile=profile)
     assert abs(planned.activation_bytes - counted.kept_bytes) <= 0.1 * counted.kept_bytes
@@ -148,13 +161,7 @@ def _accumulation_gap(bn_train: bool) -> float:
     """Relative L2 difference of one step's gradients: batch 8 vs 4 x micro-batch 2 accumulated.
     Randomness off (noise-free clustering, no dropout, no drop-path) so BatchNorm is the only
     coupling between samples."""
-    config = load_config("tiny", ["model.head_dropout=0.0", "model.visual.drop_path_rate=0.0"])
-    torch.manual_seed(0)
-    model = build_model(config.model)
-    model.set_memory_bank(torch.randn(3, 4, 768, generator=torch.Generator().manual_seed(1)))
-    for module in model.modules():
-        if isinstance(module, GumbelClustering):
-            module.noise = False
+    config, model = deterministic_tiny()
     generator = torch.Generator().manual_seed(2)
     image, logmel = torch.randn(8, 3, 32, 32, generator=generator), torch.randn(8, 87, 64, generator=generator) - 30
     target = torch.randint(0, 3, (8, 32, 32), generator=generator)

@@ -24,7 +24,6 @@ from test_model_behaviour import single_threaded_torch  # noqa: F401 (autouse fi
 from ddeseg.config import LossConfig, load_config
 from ddeseg.losses import SegmentationLoss
 from ddeseg.models import build_model
-from ddeseg.models.aligner import GumbelClustering
 from ddeseg.models.ddeseg import CHECKPOINT_PARTS
 from ddeseg.models.reference import LARGE_SCALE, fill_reference_weights
 
@@ -111,9 +110,7 @@ def step_models():
     models = {}
     for classes in (3, 1):
         model = _large_model(TRAIN_STEP_OVERRIDES + [f"model.num_classes={classes}"], torch.float64)
-        for module in model.modules():
-            if isinstance(module, GumbelClustering):
-                module.noise = False  # the fixture's noise-free clustering in training
+        model.set_clustering_noise(False)  # the fixture's noise-free clustering in training
         models[classes] = (model, {k: v.clone() for k, v in model.state_dict().items()})
     return models
 

@@ -119,6 +119,13 @@ class DDESeg(nn.Module):
             if hasattr(module, "fused_attn"):
                 module.fused_attn = enabled
 
+    def set_clustering_noise(self, enabled: bool) -> None:
+        """Gumbel noise in the aligners' clustering while training (default on, as the official
+        code); off: the noise-free softmax also in training (the official training-step fixture
+        was made so; tests that compare two runs use it)."""
+        for aligner in self.backbone.av_aligners:
+            aligner.gumbel_clustering.noise = enabled
+
     def set_activation_checkpointing(self, parts: Iterable[str]) -> None:
         """Recompute activations in the backward pass instead of keeping them (GPU memory).
 
