@@ -97,12 +97,33 @@ def rss_child(config_name: str, image_size: int, micro_batch: int) -> None:
     print(json.dumps({"growth": max(peak[0], _rss_bytes()) - baseline}))
 
 
+def _plan_vs_rss(args, fp32) -> None:
+    """Peak RSS growth of one float32 step (fresh process) at micro-batch 1 and 2 vs the plan."""
+    print("\nplan vs reality (fp32, no checkpointing; fresh process per micro-batch):")
+    growths = {}
+    for micro in (1, 2):
+        output = subprocess.run(
+            [sys.executable, __file__, "--config", args.config, "--image-size", str(args.image_size),
+             "--threads", str(args.threads), "--rss-child", str(micro)],
+            check=True, capture_output=True, text=True,
+        ).stdout
+        growth = json.loads(output.strip().splitlines()[-1])["growth"]
+        planned, growths[micro] = fp32.kept_bytes(micro), growth
+        print(f"  micro-batch {micro}: peak RSS growth {format_bytes(growth)}, planned activations "
+              f"{format_bytes(planned)}: ratio {growth / planned:.2f}")
+    # The slope cancels what does not grow with the batch (one-off buffers, allocator pools).
+    slope = growths[2] - growths[1]
+    print(f"  per sample (micro-batch 2 minus 1): RSS {format_bytes(slope)}, planned "
+          f"{format_bytes(fp32.kept_per_sample)}: ratio {slope / fp32.kept_per_sample:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="v2")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-rss", action="store_true")
+    parser.add_argument("--rss-only", action="store_true", help="only the plan-vs-RSS check (fp32)")
     parser.add_argument("--rss-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -112,6 +133,12 @@ def main() -> None:
     config = load_config(args.config, [f"data.image_size={args.image_size}"])
     started = time.time()
     model = _model(config)
+    if args.rss_only:
+        profile = profile_activations(config, "fp32", (), model=model)
+        del model  # the children need the memory
+        _plan_vs_rss(args, profile)
+        print(f"\ntotal {time.time() - started:.0f} s")
+        return
     variants = [(precision, parts) for precision in ("fp32", "bf16") for parts in ((), PARTS)]
     profiles = {}
     for precision, parts in reversed(variants):  # the checkpointed measurement caches the plain one
@@ -153,23 +180,7 @@ def main() -> None:
     del model
 
     if not args.skip_rss:
-        fp32 = profiles["fp32", ()]
-        print("\nplan vs reality (fp32, no checkpointing; fresh process per micro-batch):")
-        growths = {}
-        for micro in (1, 2):
-            output = subprocess.run(
-                [sys.executable, __file__, "--config", args.config, "--image-size", str(args.image_size),
-                 "--threads", str(args.threads), "--rss-child", str(micro)],
-                check=True, capture_output=True, text=True,
-            ).stdout
-            growth = json.loads(output.strip().splitlines()[-1])["growth"]
-            planned, growths[micro] = fp32.kept_bytes(micro), growth
-            print(f"  micro-batch {micro}: peak RSS growth {format_bytes(growth)}, planned activations "
-                  f"{format_bytes(planned)}: ratio {growth / planned:.2f}")
-        # The slope cancels what does not grow with the batch (one-off buffers, allocator pools).
-        slope = growths[2] - growths[1]
-        print(f"  per sample (micro-batch 2 minus 1): RSS {format_bytes(slope)}, planned "
-              f"{format_bytes(fp32.kept_per_sample)}: ratio {slope / fp32.kept_per_sample:.2f}")
+        _plan_vs_rss(args, profiles["fp32", ()])
     print(f"\ntotal {time.time() - started:.0f} s")
 
 
