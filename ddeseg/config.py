@@ -63,6 +63,9 @@ class AudioBackboneConfig:
     # `eval`: frozen means frozen (bn0 statistics fixed, no SpecAugment, no stochastic depth);
     # `official`: the audio backbone runs in train mode during training, as the official code.
     mode: str = "eval"
+    # In `official` mode, SpecAugment inside the backbone while training (as the official
+    # HTS-AT); false turns it off (e.g. to reproduce the official training-step fixture).
+    spec_augment: bool = True
 
 
 @dataclass
@@ -154,6 +157,14 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     grad_accum: int = 1
     precision: str = "bf16"  # bf16 | fp16 | fp32 (autocast only on GPU)
+    # Recompute activations in the backward pass (GPU memory; same gradients): any of
+    # visual_blocks, visual_stages, aligners, head (ddeseg.models.ddeseg.CHECKPOINT_PARTS).
+    activation_checkpointing: tuple[str, ...] = ()
+    # A GPU memory budget such as "24GiB": the micro-batch and gradient accumulation are then
+    # chosen by the memory plan (ddeseg.memory) so that the configured batch is kept.
+    gpu_memory: str | None = None
+    sync_batchnorm: bool = True  # multi-rank runs: BatchNorm -> SyncBatchNorm, as the official code
+    compile: bool = False  # torch.compile the model (opt-in; see configs/README.md for the caveats)
     seed: int = 0
     log_every: int = 10
     eval_every: int = 500

@@ -11,19 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from reference_data import reference_file
 from test_model_behaviour import single_threaded_torch  # noqa: F401 (autouse fixture)
 
 from ddeseg.config import load_config
 from ddeseg.models import LogMelFrontend, build_model, frames_for
 from ddeseg.models.reference import ATOL, LOGMEL_ATOL, RTOL, fill_reference_weights
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.fixture(scope="module")
 def fixture():
-    return dict(np.load(REFERENCE / "tiny_forward.npz"))
+    return dict(np.load(reference_file("tiny_forward.npz")))
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def model():
     torch.manual_seed(0)
     model = build_model(load_config(CONFIGS / "tiny.yaml").model)
     fill_reference_weights(model)  # before the bank: the official state dict has none
-    model.set_memory_bank(np.load(REFERENCE / "tiny_bank.npy"))
+    model.set_memory_bank(np.load(reference_file("tiny_bank.npy")))
     return model
 
 

@@ -71,11 +71,14 @@ class GumbelClustering(nn.Module):
     def __init__(self, num_clusters: int, dim: int, tau: float = 1.0):
         super().__init__()
         self.tau = tau
+        # False: the noise-free softmax in training too (the official training-step fixture was
+        # made that way); the model's default is the official Gumbel noise.
+        self.noise = True
         self.cluster_centers = nn.Parameter(torch.randn(num_clusters, dim))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = x @ self.cluster_centers.t()  # [B, N, clusters]
-        if self.training:
+        if self.training and self.noise:
             assignment = F.gumbel_softmax(logits, tau=self.tau, hard=False, dim=-1)
         else:
             assignment = torch.softmax(logits / self.tau, dim=-1)  # deterministic eval (see module doc)

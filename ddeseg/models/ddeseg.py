@@ -14,6 +14,7 @@ optional when loading (official checkpoints have none).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,8 @@ from ddeseg.models.htsat import HTSAT
 from ddeseg.models.mit_aligned import MiTAligned
 
 AUDIO_MODES = ("eval", "official")
+# What `set_activation_checkpointing` accepts (config: `train.activation_checkpointing`).
+CHECKPOINT_PARTS = ("visual_stages", "visual_blocks", "aligners", "head")
 MEMORY_BANK_KEY = "memory_bank"
 
 
@@ -76,6 +79,7 @@ class DDESeg(nn.Module):
             fused_attn=cfg.fused_attn,
         )
         self.audio_model.requires_grad_(False)
+        self.audio_model.spec_augment = audio.spec_augment
         self.aud_enhancer = TokenFeatureEnhancer(cfg.audio_embed_dim, cfg.derived_semantics)
         visual = cfg.visual
         self.backbone = MiTAligned(
@@ -115,12 +119,49 @@ class DDESeg(nn.Module):
             if hasattr(module, "fused_attn"):
                 module.fused_attn = enabled
 
+    def set_clustering_noise(self, enabled: bool) -> None:
+        """Gumbel noise in the aligners' clustering while training (default on, as the official
+        code); off: the noise-free softmax also in training (the official training-step fixture
+        was made so; tests that compare two runs use it)."""
+        for aligner in self.backbone.av_aligners:
+            aligner.gumbel_clustering.noise = enabled
+
+    def set_activation_checkpointing(self, parts: Iterable[str]) -> None:
+        """Recompute activations in the backward pass instead of keeping them (GPU memory).
+
+        `parts`, any of `CHECKPOINT_PARTS`: `visual_blocks` (each MiT block), `visual_stages`
+        (each whole stage: patch embed, aligner, blocks, norm; fewest kept tensors, but a stage's
+        recompute holds all of its blocks at once), `aligners` (each stage's audio projection and
+        aligner), `head` (the decoder around its BatchNorm). Empty: off (the plain forward).
+        The gradients are those of the plain forward: segments replay their random draws.
+        """
+        parts = set(parts)
+        unknown = sorted(parts - set(CHECKPOINT_PARTS))
+        if unknown:
+            raise DDESegError(
+                f"train.activation_checkpointing: unknown part(s) {unknown}; choose from {list(CHECKPOINT_PARTS)}"
+            )
+        self.backbone.checkpoint_stages = "visual_stages" in parts
+        self.backbone.checkpoint_blocks = "visual_blocks" in parts
+        self.backbone.checkpoint_aligners = "aligners" in parts
+        self.decode_head.checkpointing = "head" in parts
+
+    def activation_checkpointing(self) -> tuple[str, ...]:
+        """The parts currently checkpointed (see `set_activation_checkpointing`)."""
+        enabled = {
+            "visual_stages": self.backbone.checkpoint_stages,
+            "visual_blocks": self.backbone.checkpoint_blocks,
+            "aligners": self.backbone.checkpoint_aligners,
+            "head": self.decode_head.checkpointing,
+        }
+        return tuple(part for part in CHECKPOINT_PARTS if enabled[part])
+
     # ---- memory bank
     def set_memory_bank(self, bank: np.ndarray | torch.Tensor) -> None:
         """Install (or replace) the audio memory bank, float32 `[classes, entries, audio_embed_dim]`.
 
         Raises `DDESegError` for a wrong shape or dim, or fewer classes than derived semantics.
-        The bank follows the model's device and is saved in `state_dict()` as `memory_bank`.
+        The bank follows the model's device (and dtype) and is saved in `state_dict()` as `memory_bank`.
         """
         tensor = torch.as_tensor(np.asarray(bank) if not torch.is_tensor(bank) else bank).detach()
         if tensor.ndim != 3 or tensor.shape[2] != self.cfg.audio_embed_dim:
@@ -134,8 +175,9 @@ class DDESeg(nn.Module):
             )
         if not torch.isfinite(tensor.float()).all():
             raise DDESegError("memory bank contains NaN or infinite values")
-        device = self.aud_enhancer.fusion_s1.weight.device
-        setattr(self, MEMORY_BANK_KEY, tensor.to(device=device, dtype=torch.float32).clone())
+        # The bank follows the model's device and floating dtype (float32 unless `.double()`).
+        weight = self.aud_enhancer.fusion_s1.weight
+        setattr(self, MEMORY_BANK_KEY, tensor.to(device=weight.device, dtype=weight.dtype).clone())
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -176,7 +218,11 @@ class DDESeg(nn.Module):
             raise DDESegError(
                 "the model has no audio memory bank: call model.set_memory_bank(np.load('bank.npy'))"
             )
-        latent = self.embed_audio(audio)
+        # The frozen audio backbone runs in float32 even under autocast: its log-mel, bn0 and
+        # latent feed the enhancer's distances to the (float32) memory bank; it keeps no
+        # activations for the backward pass, so lower precision would save no memory.
+        with torch.autocast(device_type=audio.device.type, enabled=False):
+            latent = self.embed_audio(audio.float() if audio.dtype in (torch.float16, torch.bfloat16) else audio)
         stage1, tokens = self.aud_enhancer(latent, bank)
         features = self.backbone(image, tokens)
         logits = self.decode_head(features)

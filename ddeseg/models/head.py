@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddeseg.models.layers import init_transformer_weights
+from ddeseg.models.layers import init_transformer_weights, run_checkpointed
 
 
 class LinearEmbed(nn.Module):
@@ -55,6 +55,7 @@ class SegFormerHead(nn.Module):
         self.linear_fuse = ConvBNReLU(4 * embedding_dim, embedding_dim)
         self.linear_pred = nn.Conv2d(embedding_dim, num_classes, kernel_size=1)
         self.dropout = nn.Dropout2d(dropout)
+        self.checkpointing = False  # set by DDESeg.set_activation_checkpointing
         self.apply(init_transformer_weights)
 
     def embed_levels(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -68,9 +69,22 @@ class SegFormerHead(nn.Module):
             levels.append(x)
         return levels
 
+    def _fuse_conv(self, *features: torch.Tensor) -> torch.Tensor:
+        return self.linear_fuse.conv(torch.cat(self.embed_levels(list(features)), dim=1))
+
+    def _classify(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_pred(self.dropout(x))
+
+    def _activate_and_classify(self, x: torch.Tensor) -> torch.Tensor:
+        return self._classify(self.linear_fuse.act(x))
+
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        fused = self.linear_fuse(torch.cat(self.embed_levels(features), dim=1))
-        return self.linear_pred(self.dropout(fused))
+        # Checkpointing leaves the train-mode BatchNorm outside the segments: a recompute would
+        # update its running statistics a second time. The 4-level concatenation (the largest
+        # activation) and the ReLU/dropout/classifier tail are rebuilt in the backward pass.
+        fused = run_checkpointed(self._fuse_conv, *features, enabled=self.checkpointing)
+        normed = self.linear_fuse.bn(fused)
+        return run_checkpointed(self._activate_and_classify, normed, enabled=self.checkpointing)
 
 
 class WeightedSegFormerHead(SegFormerHead):
@@ -88,6 +102,7 @@ class WeightedSegFormerHead(SegFormerHead):
         self.weight_levels = nn.Conv2d(4 * embedding_dim, 4, kernel_size=1)
         self.linear_pred = nn.Conv2d(embedding_dim, num_classes, kernel_size=1)
         self.dropout = nn.Dropout2d(dropout)
+        self.checkpointing = False
         self.apply(init_transformer_weights)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
@@ -95,7 +110,8 @@ class WeightedSegFormerHead(SegFormerHead):
         gates = [getattr(self, f"weight_c{i}")(x) for i, x in zip((4, 3, 2, 1), levels, strict=True)]
         weights = self.weight_levels(torch.cat(gates, dim=1)).softmax(dim=1)  # [B, 4, H1, W1]
         fused = sum(x * weights[:, j : j + 1] for j, x in enumerate(levels))
-        return self.linear_pred(self.dropout(fused))
+        # Its BatchNorms sit inside the level gates; only the classifier tail is checkpointed.
+        return run_checkpointed(self._classify, fused, enabled=self.checkpointing)
 
 
 HEADS = {"norm": SegFormerHead, "weighted": WeightedSegFormerHead}

@@ -223,6 +223,7 @@ class HTSAT(nn.Module):
         self.patch_stride = tuple(patch_stride)
         self.num_features = embed_dim * 2 ** (len(depths) - 1)
         self.enable_tscam = enable_tscam
+        self.spec_augment = True  # in training mode, as the official HTS-AT (DDESeg: model.audio.spec_augment)
 
         self.spectrogram_extractor = spectrogram_extractor
         self.logmel_extractor = logmel_extractor
@@ -294,7 +295,7 @@ class HTSAT(nn.Module):
         """Audio -> normed last-stage tokens `[B, (spec_size/32)^2, num_features]`."""
         x = self.logmel(audio)
         x = self.bn0(x.transpose(1, 3)).transpose(1, 3)  # normalise each mel bin
-        if self.training:
+        if self.training and self.spec_augment:
             x = spec_augment(x)
         x = self.pos_drop(self.patch_embed(self.fold_to_image(x)))
         for layer in self.layers:

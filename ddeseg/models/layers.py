@@ -7,10 +7,46 @@ helpers we need are written here with the official parameter names.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+# Set by `checkpoint_probe` while `ddeseg.memory` counts activations: checkpointed segments then
+# run plainly and report their inputs and what they save (see `run_checkpointed`).
+_PROBE: Callable[..., Any] | None = None
+
+
+def run_checkpointed(fn: Callable[..., Any], *args: Any, enabled: bool) -> Any:
+    """`fn(*args)`, through activation checkpointing when `enabled`.
+
+    Non-reentrant checkpointing (`use_reentrant=False`) with `preserve_rng_state=True`: the
+    recompute in the backward pass replays the same Gumbel noise, drop-path and dropout draws, so
+    the gradients equal those of the plain forward. Only the segment's inputs stay in memory; its
+    internals are rebuilt during the backward pass. Never put a train-mode BatchNorm inside a
+    segment (the recompute would update its running statistics twice).
+    """
+    if not enabled:
+        return fn(*args)
+    if _PROBE is not None:
+        return _PROBE(fn, *args)
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True)
+
+
+@contextlib.contextmanager
+def checkpoint_probe(probe: Callable[..., Any]) -> Iterator[None]:
+    """While active, every enabled `run_checkpointed(fn, *args)` calls `probe(fn, *args)` instead
+    (the memory plan uses it to account each segment's inputs and internals in one forward)."""
+    global _PROBE
+    previous, _PROBE = _PROBE, probe
+    try:
+        yield
+    finally:
+        _PROBE = previous
 
 
 def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False) -> torch.Tensor:

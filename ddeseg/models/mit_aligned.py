@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddeseg.models.aligner import AudioVisualAligner
-from ddeseg.models.layers import DropPath, Mlp, init_transformer_weights
+from ddeseg.models.layers import DropPath, Mlp, init_transformer_weights, run_checkpointed
 
 
 class OverlapPatchEmbed(nn.Module):
@@ -145,6 +145,8 @@ class MiTAligned(nn.Module):
         if len(in_channels) != 4:
             raise ValueError(f"the MiT backbone has 4 stages, got widths {in_channels}")
         self.num_stages = 4
+        # Activation checkpointing (off: the plain forward); set by DDESeg.set_activation_checkpointing.
+        self.checkpoint_stages = self.checkpoint_blocks = self.checkpoint_aligners = False
         previous = 3
         for i, dim in enumerate(in_channels):
             kernel, stride = (7, first_patch_stride) if i == 0 else (3, 2)
@@ -174,15 +176,22 @@ class MiTAligned(nn.Module):
             nn.init.xavier_uniform_(projection.fc1.weight)
             nn.init.xavier_uniform_(projection.fc2.weight)
 
+    def forward_stage(self, i: int, x: torch.Tensor, audio_tokens: torch.Tensor) -> torch.Tensor:
+        """Stage `i` (0-based): NCHW input (the image for stage 0) -> NCHW stage feature."""
+        B = x.shape[0]
+        x, H, W = getattr(self, f"patch_embed{i + 1}")(x)
+        x = run_checkpointed(self._align, i, audio_tokens, x, enabled=self.checkpoint_aligners)
+        for block in getattr(self, f"block{i + 1}"):
+            x = run_checkpointed(block, x, H, W, enabled=self.checkpoint_blocks)
+        x = getattr(self, f"norm{i + 1}")(x)
+        return x.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous()  # [B, C, H, W]
+
+    def _align(self, i: int, audio_tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.av_aligners[i](self.aud_projs[i](audio_tokens), x)
+
     def forward(self, image: torch.Tensor, audio_tokens: torch.Tensor) -> list[torch.Tensor]:
-        B = image.shape[0]
         x, features = image, []
         for i in range(self.num_stages):
-            x, H, W = getattr(self, f"patch_embed{i + 1}")(x)
-            x = self.av_aligners[i](self.aud_projs[i](audio_tokens), x)
-            for block in getattr(self, f"block{i + 1}"):
-                x = block(x, H, W)
-            x = getattr(self, f"norm{i + 1}")(x)
-            x = x.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous()  # [B, C, H, W]
+            x = run_checkpointed(self.forward_stage, i, x, audio_tokens, enabled=self.checkpoint_stages)
             features.append(x)
         return features
