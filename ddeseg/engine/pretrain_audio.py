@@ -10,8 +10,9 @@ Off-screen sounds are in the audio but not in the mask, so the labels are noisy 
 benchmarks are; the classifier still learns each class's sound from the many clean examples.
 
 Output: `RUN_DIR/audio.pt`, a bare HTS-AT state dict under `state_dict` (what
-`ddeseg.models.load_checkpoint` reads as format `htsat`), with `classes`, `config` and the final
-validation metrics beside it; `RUN_DIR/metrics.jsonl`, `RUN_DIR/config.yaml`.
+`ddeseg.models.load_checkpoint` reads as format `htsat`), with `classes`, `config`, the final
+validation metrics and the RNG state beside it (written as `train`'s checkpoints are, by
+`ddeseg.engine.recipe`, which also gives the schedule); `RUN_DIR/metrics.jsonl`, `RUN_DIR/config.yaml`.
 
 Log-mels come from the shards (precomputed by `prepare`) and are held in memory as float16:
 about 11 KB a clip, 0.5 GB for all of AVSS.
