@@ -17,7 +17,8 @@ def train_command(
     out: Path = typer.Option(..., "--out", help="Run directory: config.yaml, metrics.jsonl, last.pt, best.pt."),
     task: str | None = typer.Option(None, "--task", help="Task to train on (v1s, v1m, v2, VPO-SS, VPO-MS, VPO-MSMI); default: the config's."),
     steps: int | None = typer.Option(None, "--steps", min=1, help="Optimizer steps (overrides train.steps)."),
-    resume: str | None = typer.Option(None, "--resume", help="Continue a run: a checkpoint path, or 'latest' for OUT/last.pt."),
+    resume: str | None = typer.Option(None, "--resume", help="Continue a run: a checkpoint path, or 'latest' for OUT/last.pt. The config must be the run's (only train.steps/epochs_equivalent/warmup_epochs, the log/eval/checkpoint cadence, tensorboard/wandb, data.num_workers/eval_batch_size, eval.* and pretrain_audio.* may change)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in OUT (last.pt, best.pt, metrics.jsonl, data_errors/); without it (or --resume) such a folder is refused."),
     stop_at: int | None = typer.Option(None, "--stop-at", min=1, help="Stop after this step and save last.pt, keeping the schedule of --steps (for time-limited jobs; continue with --resume latest)."),
     init: list[Path] = typer.Option([], "--init", exists=True, dir_okay=False, help="Weights to start from (repeatable): an audio checkpoint from `ddeseg pretrain-audio`, HTS-AT, MiT/SegFormer ImageNet or an official DDESeg checkpoint."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda or cuda:N; default: the local GPU when present."),
@@ -46,7 +47,7 @@ def train_command(
     cfg = load_config(config, overrides)
     context = init_distributed(device)
     try:
-        train(cfg, TrainRequest(shards_dir=shards, memory_bank=memory_bank, out_dir=out, resume=resume, init_checkpoints=tuple(init), stop_at=stop_at), context)
+        train(cfg, TrainRequest(shards_dir=shards, memory_bank=memory_bank, out_dir=out, resume=resume, init_checkpoints=tuple(init), stop_at=stop_at, overwrite=overwrite), context)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     finally:

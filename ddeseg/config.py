@@ -207,6 +207,58 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------------
+# Value ranges of the training keys (checked on load: a 0 batch size or step count is a clear
+# error naming the key, not a ZeroDivisionError deep in the loop)
+# --------------------------------------------------------------------------------------------
+
+# dotted key: (bound, strict); the value must be > bound (strict) or >= bound. None passes (the
+# key's "off" or "derive it" value where its type allows None).
+TRAINING_KEY_RANGES: dict[str, tuple[float, bool]] = {
+    "data.batch_size": (1, False),
+    "data.eval_batch_size": (1, False),
+    "data.num_workers": (0, False),
+    "data.samples_per_shard": (1, False),
+    "train.steps": (1, False),
+    "train.epochs_equivalent": (1, False),
+    "train.warmup_epochs": (0, False),
+    "train.base_lr": (0, True),  # the schedule is a factor of it
+    "train.min_lr": (0, False),
+    "train.warmup_lr": (0, False),
+    "train.warmup_steps": (0, False),
+    "train.weight_decay": (0, False),
+    "train.eps": (0, True),
+    "train.grad_clip": (0, False),  # 0 or null: no clipping
+    "train.grad_accum": (1, False),
+    "train.log_every": (1, False),
+    "train.eval_every": (1, False),
+    "train.checkpoint_every": (1, False),
+    "pretrain_audio.steps": (1, False),
+    "pretrain_audio.batch_size": (1, False),
+    "pretrain_audio.base_lr": (0, True),
+    "pretrain_audio.min_lr": (0, False),
+    "pretrain_audio.warmup_steps": (0, False),
+    "pretrain_audio.weight_decay": (0, False),
+    "pretrain_audio.log_every": (1, False),
+    "pretrain_audio.eval_every": (1, False),
+}
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+def check_training_keys(config: Config) -> None:
+    """Raise `ConfigError` naming the first training key whose value is out of range."""
+    for dotted, (bound, strict) in TRAINING_KEY_RANGES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(config, section), key)
+        if value is not None and (value <= bound if strict else value < bound):
+            raise ConfigError(f"{dotted} must be {'>' if strict else '>='} {bound}, got {value!r}: set it in the config or with --set {dotted}=...")
+    betas = config.train.betas
+    if len(betas) != 2 or not all(0 <= beta < 1 for beta in betas):
+        raise ConfigError(f"train.betas must be two numbers in [0, 1), got {list(betas)}")
+    if config.train.precision not in PRECISIONS:
+        raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {config.train.precision!r}")
+
+
+# --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
 
@@ -321,7 +373,9 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
 
 
 def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> Config:
-    return from_dict(Config, _deep_merge(data, parse_overrides(overrides)))
+    config = from_dict(Config, _deep_merge(data, parse_overrides(overrides)))
+    check_training_keys(config)
+    return config
 
 
 BUNDLED_CONFIGS = Path(__file__).resolve().parent.parent / "configs"

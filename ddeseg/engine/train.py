@@ -1,7 +1,9 @@
 """The DDESeg training recipe: one readable loop.
 
-build data -> build model -> optimizer and schedule -> loop (forward, loss, backward, step)
--> validate -> checkpoint. Runs in one process or under `torchrun` (DDP; NCCL on GPU, gloo on
+`train` = `check_inputs` (every user-fixable error, before any work) -> `build_run` (model,
+optimizer, schedule; the resumed state) -> `run_training_loop` (epochs of `train_step`: forward,
+loss, backward over the accumulated micro-batches, one optimizer step; then `after_step`: log,
+`validate`, `save_checkpoint`). Runs in one process or under `torchrun` (DDP; NCCL on GPU, gloo on
 CPU). Everything it writes goes under one run directory:
 
     RUN_DIR/config.yaml      the resolved config
@@ -14,17 +16,23 @@ Exact resume: the data stream of epoch `e` is a pure function of (seed, e, rank,
 `--resume` rebuilds the epoch's loader and skips the batches already consumed; with the model,
 optimizer, scheduler, scaler and RNG states restored, N steps straight and N/2 + N/2 resumed give
 identical weights (tested on the CPU).
+
+A run folder that already holds a run is refused unless `--resume` (continue it; the config
+must be the run's, see `RESUME_MAY_CHANGE`) or `--overwrite` (replace it) is given.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import itertools
 import math
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,23 +41,45 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ddeseg.bank import read_memory_bank
-from ddeseg.checkpoint import (
-    FORMAT,
-    atomic_torch_save,
-    capture_rng_state,
-    load_training_checkpoint,
-    restore_rng_state,
-)
+from ddeseg.checkpoint import FORMAT, load_training_checkpoint, restore_rng_state
 from ddeseg.config import Config, save_config, to_dict
 from ddeseg.data.shards import ShardIndex
 from ddeseg.data.stream import count_data_errors, make_eval_loader, make_train_loader
 from ddeseg.distributed import DistributedContext, all_reduce_mean, barrier
 from ddeseg.engine.evaluate import evaluate_model
+from ddeseg.engine.recipe import check_run_dir, clear_run_outputs, save_training_checkpoint, warmup_cosine_lr
 from ddeseg.engine.run_log import RunLog
 from ddeseg.errors import DDESegError
 from ddeseg.losses import SegmentationLoss
 from ddeseg.models import build_model, load_checkpoint
 from ddeseg.progress import console, training_progress
+
+# What a run folder holds of a run (a second `train` into it needs --resume or --overwrite), and
+# what --overwrite clears besides (the old run's skipped-sample reports would be counted again).
+RUN_OUTPUTS = ("last.pt", "best.pt", "metrics.jsonl")
+REPLACED_BY_OVERWRITE = (*RUN_OUTPUTS, "data_errors")
+
+# Config keys a resumed run may change: the schedule's length (extending a run), how often it
+# logs, validates and saves, and settings that do not reach the weights. Everything else (model,
+# task, data, loss, optimizer, seed) must match the run: the weights and the optimizer state are
+# its, and a changed base_lr would be silently ignored by the restored scheduler. Changing
+# data.num_workers changes the sample order, so the resumed run is no longer bit-identical to
+# an uninterrupted one.
+RESUME_MAY_CHANGE = (
+    "train.steps",
+    "train.epochs_equivalent",
+    "train.warmup_epochs",
+    "train.log_every",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.tensorboard",
+    "train.wandb",
+    "train.wandb_project",
+    "data.num_workers",
+    "data.eval_batch_size",
+    "eval.",
+    "pretrain_audio.",
+)
 
 
 @dataclass
@@ -62,7 +92,69 @@ class TrainRequest:
     resume: str | None = None  # a checkpoint path, or "latest" (RUN_DIR/last.pt)
     init_checkpoints: tuple[Path, ...] = ()  # backbone / audio / official weights to start from
     stop_at: int | None = None  # stop after this step (the schedule still spans train.steps)
+    overwrite: bool = False  # replace the run already in out_dir (else it is refused)
 
+    @property
+    def resume_path(self) -> Path | None:
+        if not self.resume:
+            return None
+        return self.out_dir / "last.pt" if self.resume == "latest" else Path(self.resume)
+
+
+@dataclass
+class TrainInputs:
+    """Everything `train` reads, checked before any work starts (see `check_inputs`)."""
+
+    index: ShardIndex
+    train_shards: list[str]
+    val_shards: list[str]  # empty: no val split, so no validation and no best.pt
+    steps_per_epoch: int
+    memory_bank: np.ndarray
+    resume_payload: dict[str, Any] | None  # the checkpoint to continue, loaded
+
+
+@dataclass
+class LogWindow:
+    """Losses and samples since the last log line."""
+
+    running: dict[str, float] = field(default_factory=dict)
+    samples: int = 0
+    steps: int = 0
+    start: float = field(default_factory=time.time)
+
+    def add(self, losses: dict[str, Any], grad_accum: int, samples: int) -> None:
+        """One micro-batch: its losses count 1/grad_accum of the step's."""
+        for name, value in losses.items():
+            self.running[name] = self.running.get(name, 0.0) + float(value) / grad_accum
+        self.samples += samples
+
+
+@dataclass
+class Run:
+    """One training run: what `build_run` makes and `train_step` advances."""
+
+    config: Config
+    request: TrainRequest
+    context: DistributedContext
+    inputs: TrainInputs
+    model: torch.nn.Module
+    train_model: torch.nn.Module  # `model`, or its DDP wrapper under torchrun
+    loss_fn: SegmentationLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    run_log: RunLog | None = None  # rank 0 only
+    step: int = 0
+    best: dict[str, Any] = field(default_factory=lambda: {"miou": -1.0, "fscore": 0.0, "step": -1})
+    window: LogWindow = field(default_factory=LogWindow)
+
+    @property
+    def device(self) -> torch.device:
+        return self.context.device
+
+    @property
+    def errors_dir(self) -> Path:
+        return self.request.out_dir / "data_errors"
 
 # --------------------------------------------------------------------------------------------
 # Optimisation
@@ -87,22 +179,18 @@ def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optim
 
 
 def learning_rate_factor(step: int, config: Config) -> float:
-    """Linear warm-up from `warmup_lr` to `base_lr`, then cosine to `min_lr`, per optimizer step.
-
-    The official scheduler warms up from 0 (ignoring its own `warmup_lr`) and runs its cosine
-    over all steps including the warm-up; we honour `warmup_lr` and run the cosine over the
-    remaining steps so the schedule ends exactly at `min_lr`.
-    """
+    """`train`'s learning rate at optimizer step `step` over `train.base_lr` (the LambdaLR
+    factor): `warmup_cosine_lr` from `warmup_lr` through `base_lr` to `min_lr`."""
     train = config.train
-    if step < train.warmup_steps:
-        progress = step / max(1, train.warmup_steps)
-        lr = train.warmup_lr + (train.base_lr - train.warmup_lr) * progress
-    else:
-        decay_steps = max(1, train.steps - train.warmup_steps)
-        progress = min(1.0, (step - train.warmup_steps) / decay_steps)
-        lr = train.min_lr + 0.5 * (train.base_lr - train.min_lr) * (1 + math.cos(math.pi * progress))
+    lr = warmup_cosine_lr(
+        step,
+        base_lr=train.base_lr,
+        min_lr=train.min_lr,
+        warmup_steps=train.warmup_steps,
+        total_steps=train.steps,
+        warmup_lr=train.warmup_lr,
+    )
     return lr / train.base_lr
-
 
 def autocast_context(device: torch.device, precision: str):
     """bf16/fp16 autocast on GPU; full precision on the CPU (CPU autocast is slower here)."""
@@ -113,45 +201,119 @@ def autocast_context(device: torch.device, precision: str):
 
 
 # --------------------------------------------------------------------------------------------
-# The loop
+# Setup: check every input, then build the run
 # --------------------------------------------------------------------------------------------
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def train(config: Config, request: TrainRequest, context: DistributedContext) -> dict[str, Any]:
     """Train DDESeg on the shards; returns a summary (best metrics, paths)."""
     config = copy.deepcopy(config)  # derived values below must not leak into the caller's config
-    out_dir = request.out_dir
-    device = context.device
     torch.manual_seed(config.train.seed + context.rank)
     np.random.seed(config.train.seed + context.rank)
+    inputs = check_inputs(config, request, context)
+    barrier()  # every rank has checked the run folder before rank 0 writes to it
+    run = build_run(config, request, context, inputs)
+    start_run_dir(run)
+    started = time.time()
+    interrupted = run_training_loop(run)
+    barrier()
+    summary = {
+        "steps": run.step,
+        "interrupted": interrupted,
+        "best": run.best,
+        "skipped_samples": count_data_errors(run.errors_dir),
+        "seconds": time.time() - started,
+        "run_dir": str(request.out_dir),
+    }
+    if run.run_log is not None:
+        run.run_log.log({"event": "end", **summary})
+        run.run_log.close()
+        _print_end_summary(summary, request.out_dir)
+    if interrupted:
+        raise KeyboardInterrupt
+    return summary
 
-    # ---- data
+
+def check_inputs(config: Config, request: TrainRequest, context: DistributedContext) -> TrainInputs:
+    """Every check a user can fail, before any work and any write: the run folder, the shards
+    and the task's class count, the memory bank, the checkpoint to resume and its config.
+    Derives `train.steps` (and `warmup_steps`) in `config` from the data when the config gives
+    the schedule in epochs."""
+    check_run_dir(request.out_dir, outputs=RUN_OUTPUTS, resume=bool(request.resume), overwrite=request.overwrite)
     index = ShardIndex(request.shards_dir)
+    _check_task_classes(config, index)
     train_shards = index.shards(config.task, "train")
     val_shards = index.shards(config.task, "val") if index.has_split(config.task, "val") else []
     global_batch = config.data.batch_size * context.world_size
     steps_per_epoch = max(1, math.ceil(index.count(config.task, "train", annotated_only=True) / global_batch))
-    micro_steps_per_epoch = steps_per_epoch * config.train.grad_accum
     if config.train.epochs_equivalent is not None:
         # The official schedule is in epochs: derive steps from this dataset's size.
         config.train.steps = config.train.epochs_equivalent * steps_per_epoch
         if config.train.warmup_epochs is not None:
             config.train.warmup_steps = round(config.train.warmup_epochs * steps_per_epoch)
-    errors_dir = out_dir / "data_errors"
-
-    # ---- model
-    model = build_model(config.model)
     bank = read_memory_bank(
         request.memory_bank,
         classes=len(index.bank_class_ids(config.task)),
         embed_dim=config.model.audio_embed_dim,
         task=f"{config.task} of {request.shards_dir}",
     )
-    model.set_memory_bank(bank)  # checks the embedding dim against the model
+    payload = None
+    if request.resume_path is not None:
+        payload = load_training_checkpoint(request.resume_path)
+        check_resume_config(payload.get("config") or {}, config, request.resume_path)
+    return TrainInputs(index, train_shards, val_shards, steps_per_epoch, bank, payload)
+
+
+def _check_task_classes(config: Config, index: ShardIndex) -> None:
+    """The model's output classes must be the task's (1 for a binary task), as `evaluate`
+    requires: a 3-class model on a 9-class task would silently skip every sample with a higher
+    class id, and a softmax trained on a binary task could not be evaluated."""
+    protocol = index.protocol(config.task)
+    expected = 1 if protocol.get("binary") else protocol.get("num_classes")
+    if expected is None or config.model.num_classes == expected:
+        return
+    kind = "binary (1 output class)" if protocol.get("binary") else f"{expected} classes (background included)"
+    raise DDESegError(
+        f"config model.num_classes is {config.model.num_classes} but task {config.task!r} of {index.root} is {kind}:"
+        f" set model.num_classes={expected} (in the config or --set), or use the config made for this task"
+    )
+
+
+def check_resume_config(saved: dict[str, Any], config: Config, checkpoint: Path) -> None:
+    """Refuse to resume a run under a config that differs from the one it was trained with, in
+    any key but `RESUME_MAY_CHANGE` (keys missing on either side, e.g. from another ddeseg
+    version, are not compared)."""
+    before, now = _flatten(saved), _flatten(to_dict(config))
+    changed = [
+        key
+        for key in sorted(before.keys() & now.keys())
+        if before[key] != now[key] and not any(key == allowed or (allowed.endswith(".") and key.startswith(allowed)) for allowed in RESUME_MAY_CHANGE)
+    ]
+    if changed:
+        shown = ", ".join(f"{key} ({before[key]!r} -> {now[key]!r})" for key in changed[:6])
+        more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+        raise DDESegError(
+            f"--resume {checkpoint}: the run was trained with another config: {shown}{more};"
+            " resume with the run's own settings (its config.yaml), or start a new run (--overwrite or another --out)"
+        )
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def build_run(config: Config, request: TrainRequest, context: DistributedContext, inputs: TrainInputs) -> Run:
+    """Model (memory bank, `--init` weights), loss, optimizer, schedule and scaler; the resumed
+    state when `inputs` carries one; the DDP wrapper under torchrun."""
+    device = context.device
+    model = build_model(config.model)
+    model.set_memory_bank(inputs.memory_bank)  # checks the embedding dim against the model
     filterbank_from = None
     for path in request.init_checkpoints:
         report = load_checkpoint(model, path)
@@ -159,189 +321,229 @@ def train(config: Config, request: TrainRequest, context: DistributedContext) ->
         if context.is_main:
             console.print(f"[bold]init[/] {path}: {report.summary()}")
     model.to(device)
-    loss_fn = SegmentationLoss(config.loss, config.model.num_classes).to(device)
     optimizer = build_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, config))
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and config.train.precision == "fp16")
-
-    step, best = 0, {"miou": -1.0, "fscore": 0.0, "step": -1}
-    if request.resume:
-        resume_path = out_dir / "last.pt" if request.resume == "latest" else Path(request.resume)
-        payload = load_training_checkpoint(resume_path)
-        model.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["lr_scheduler"])
-        scaler.load_state_dict(payload["scaler"])
-        step, best = int(payload["step"]), dict(payload["best"])
-        restore_rng_state(payload["rng"][context.rank] if isinstance(payload["rng"], list) else payload["rng"])
-        if context.is_main:
-            console.print(f"[bold]resumed[/] from {resume_path} at step {step}")
+    run = Run(
+        config=config,
+        request=request,
+        context=context,
+        inputs=inputs,
+        model=model,
+        train_model=model,
+        loss_fn=SegmentationLoss(config.loss, config.model.num_classes).to(device),
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, config)),
+        scaler=torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and config.train.precision == "fp16"),
+    )
+    if inputs.resume_payload is not None:
+        restore_run(run, inputs.resume_payload)
     # The shards' log-mels must come from the filterbank the model now carries (an HTS-AT
     # checkpoint brings its own): refuse to train on log-mels made with another one.
-    index.check_frontend(model, checkpoint=filterbank_from)
-    # find_unused_parameters: the official aligners hold projections and norms that the forward
-    # never uses (kept so official checkpoints load strictly); DDP must not wait for their grads.
-    train_model = (
-        DistributedDataParallel(
+    inputs.index.check_frontend(model, checkpoint=filterbank_from)
+    if context.is_distributed:
+        # find_unused_parameters: the official aligners hold projections and norms that the
+        # forward never uses (kept so official checkpoints load strictly); DDP must not wait
+        # for their grads.
+        run.train_model = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
         )
-        if context.is_distributed
-        else model
+    return run
+
+
+def restore_run(run: Run, payload: dict[str, Any]) -> None:
+    """Continue from a training checkpoint: weights, optimizer, schedule, scaler, step, best
+    and this rank's RNG state."""
+    run.model.load_state_dict(payload["model"])
+    run.optimizer.load_state_dict(payload["optimizer"])
+    run.scheduler.load_state_dict(payload["lr_scheduler"])
+    run.scaler.load_state_dict(payload["scaler"])
+    run.step, run.best = int(payload["step"]), dict(payload["best"])
+    rng = payload["rng"]
+    restore_rng_state(rng[run.context.rank] if isinstance(rng, list) else rng)
+    if run.context.is_main:
+        console.print(f"[bold]resumed[/] from {run.request.resume_path} at step {run.step}")
+
+
+def start_run_dir(run: Run) -> None:
+    """Rank 0: the run folder with the resolved config, the start summary and the metrics log
+    (appended to on --resume; an --overwrite first clears the old run's outputs)."""
+    if not run.context.is_main:
+        return
+    out_dir, config = run.request.out_dir, run.config
+    if run.request.overwrite:
+        clear_run_outputs(out_dir, REPLACED_BY_OVERWRITE)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, out_dir / "config.yaml")
+    _print_start_summary(config, run.inputs.index, run.model, run.context, run.inputs.steps_per_epoch, run.inputs.val_shards)
+    run.run_log = RunLog(
+        out_dir,
+        tensorboard=config.train.tensorboard,
+        wandb=config.train.wandb,
+        wandb_project=config.train.wandb_project,
+        config=to_dict(config),
+        resume=bool(run.request.resume),
     )
 
-    if context.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, out_dir / "config.yaml")
-        _print_start_summary(config, index, model, context, steps_per_epoch, val_shards)
-    run_log = (
-        RunLog(
-            out_dir,
-            tensorboard=config.train.tensorboard,
-            wandb=config.train.wandb,
-            wandb_project=config.train.wandb_project,
-            config=to_dict(config),
-            resume=bool(request.resume),
-        )
-        if context.is_main
-        else None
-    )
 
-    def save(name: str) -> None:
-        # Every rank's RNG state is gathered so a resumed multi-rank run continues each stream.
-        rng_states = _gather_objects(capture_rng_state(), context)
-        if context.is_main:
-            atomic_torch_save(
-                {
-                    "format": FORMAT,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "lr_scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "step": step,
-                    "epoch": step // steps_per_epoch,
-                    "miou": best["miou"],
-                    "fscore": best["fscore"],
-                    "best": best,
-                    "config": to_dict(config),
-                    "classes": index.class_names(),
-                    "rng": rng_states if context.is_distributed else rng_states[0],
-                },
-                out_dir / name,
-            )
+# --------------------------------------------------------------------------------------------
+# The loop: epochs of optimizer steps; after a step, log, validate and save when due
+# --------------------------------------------------------------------------------------------
 
-    def validate() -> dict[str, float] | None:
-        if not val_shards:
-            return None
-        loader = make_eval_loader(
-            val_shards, config, rank=context.rank, world_size=context.world_size, errors_dir=errors_dir
-        )
-        result = evaluate_model(model, loader, config, context)
-        model.train()
-        return result
 
-    # ---- loop
-    total_steps = config.train.steps
-    stop_at = min(total_steps, request.stop_at or total_steps)
-    progress = training_progress(enabled=context.is_main)
-    started, window_start, window_samples, window_steps = time.time(), time.time(), 0, 0
-    running: dict[str, float] = {}
-    interrupted = False
-    model.train()
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def run_training_loop(run: Run) -> bool:
+    """Epochs until `train.steps` (or `--stop-at`); returns True when Ctrl-C/SIGTERM stopped it
+    (last.pt is saved then)."""
+    total_steps = run.config.train.steps
+    stop_at = min(total_steps, run.request.stop_at or total_steps)
+    progress = training_progress(enabled=run.context.is_main)
+    run.window = LogWindow()
+    run.model.train()
     with progress, _sigterm_as_interrupt():
-        task_id = progress.add_task("train", total=total_steps, completed=step, loss=float("nan"), lr=0.0, rate=0.0)
+        task_id = progress.add_task("train", total=total_steps, completed=run.step, loss=float("nan"), lr=0.0, rate=0.0)
+        show = functools.partial(progress.update, task_id)
         try:
-            while step < stop_at:
-                epoch = step // steps_per_epoch
-                loader = make_train_loader(
-                    train_shards,
-                    config,
-                    seed=config.train.seed,
-                    epoch=epoch,
-                    rank=context.rank,
-                    world_size=context.world_size,
-                    num_batches=micro_steps_per_epoch,
-                    errors_dir=errors_dir,
-                )
-                skip = (step - epoch * steps_per_epoch) * config.train.grad_accum
-                step_at_epoch_start, micro = step, 0
-                for batch_index, batch in enumerate(loader):
-                    if batch_index < skip:
-                        continue  # fast-forward inside the epoch after a resume
-                    batch = _to_device(batch, device)
-                    micro += 1
-                    # DDP only syncs gradients on the last micro-batch of an accumulation.
-                    last_micro = micro % config.train.grad_accum == 0
-                    sync = train_model.no_sync() if (context.is_distributed and not last_micro) else contextlib.nullcontext()
-                    with sync, autocast_context(device, config.train.precision):
-                        logits = train_model(batch["image"], batch["logmel"])
-                        loss, parts = loss_fn(logits.float(), batch["mask"])
-                    scaler.scale(loss / config.train.grad_accum).backward()
-                    for name, value in {"loss": loss.detach(), **parts}.items():
-                        running[name] = running.get(name, 0.0) + float(value) / config.train.grad_accum
-                    window_samples += batch["image"].shape[0]
-                    if not last_micro:
-                        continue
-                    if config.train.grad_clip:
-                        scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                    scheduler.step()
-                    step += 1
-                    window_steps += 1
-
-                    if step % config.train.log_every == 0 or step == total_steps:
-                        averaged = all_reduce_mean({k: v / window_steps for k, v in running.items()}, device)
-                        rate = window_samples * context.world_size / max(time.time() - window_start, 1e-9)
-                        lr = optimizer.param_groups[0]["lr"]
-                        if context.is_main:
-                            run_log.log({"step": step, "epoch": epoch, "lr": lr, "samples_per_s": rate, **averaged})
-                        progress.update(task_id, completed=step, loss=averaged["loss"], lr=lr, rate=rate)
-                        running, window_start, window_samples, window_steps = {}, time.time(), 0, 0
-                    else:
-                        progress.update(task_id, completed=step)
-
-                    if step % config.train.eval_every == 0 or step == total_steps:
-                        result = validate()
-                        if result is not None:
-                            if context.is_main:
-                                run_log.log({"step": step, "split": "val", **_scalars(result)})
-                            if result["miou"] > best["miou"]:
-                                best = {"miou": result["miou"], "fscore": result["fscore"], "step": step}
-                                save("best.pt")
-                    if step % config.train.checkpoint_every == 0 or step in (total_steps, stop_at):
-                        save("last.pt")
-                    if step >= stop_at:
-                        break
-                if step == step_at_epoch_start:
-                    raise DDESegError(
-                        f"the training loader of task {config.task} yielded no batch (epoch {epoch});"
-                        f" see {errors_dir} for samples that failed to decode"
-                    )
+            while run.step < stop_at:
+                run_epoch(run, stop_at, show)
         except KeyboardInterrupt:
-            interrupted = True
-            save("last.pt")
-            if context.is_main:
-                console.print(f"[yellow]interrupted[/] (Ctrl-C or SIGTERM): saved {out_dir / 'last.pt'} at step {step}; continue with --resume latest")
-    barrier()
-    skipped = count_data_errors(errors_dir)
-    summary = {
-        "steps": step,
-        "interrupted": interrupted,
-        "best": best,
-        "skipped_samples": skipped,
-        "seconds": time.time() - started,
-        "run_dir": str(out_dir),
-    }
-    if context.is_main:
-        run_log.log({"event": "end", **summary})
-        run_log.close()
-        _print_end_summary(summary, out_dir)
-    if interrupted:
-        raise KeyboardInterrupt
-    return summary
+            save_checkpoint(run, "last.pt")
+            if run.context.is_main:
+                console.print(
+                    f"[yellow]interrupted[/] (Ctrl-C or SIGTERM): saved {run.request.out_dir / 'last.pt'} at step"
+                    f" {run.step}; continue with --resume latest"
+                )
+            return True
+    return False
 
+
+def run_epoch(run: Run, stop_at: int, show: Callable[..., None]) -> None:
+    """The rest of the current epoch (after a resume, the batches already consumed are skipped),
+    or until step `stop_at`."""
+    config = run.config
+    epoch = run.step // run.inputs.steps_per_epoch
+    loader = make_train_loader(
+        run.inputs.train_shards,
+        config,
+        seed=config.train.seed,
+        epoch=epoch,
+        rank=run.context.rank,
+        world_size=run.context.world_size,
+        num_batches=run.inputs.steps_per_epoch * config.train.grad_accum,
+        errors_dir=run.errors_dir,
+    )
+    skip = (run.step - epoch * run.inputs.steps_per_epoch) * config.train.grad_accum
+    batches = itertools.islice(loader, skip, None)  # fast-forward inside the epoch after a resume
+    step_at_epoch_start = run.step
+    while run.step < stop_at and train_step(run, itertools.islice(batches, config.train.grad_accum)):
+        after_step(run, epoch, stop_at, show)
+    if run.step == step_at_epoch_start:
+        raise DDESegError(
+            f"the training loader of task {config.task} yielded no batch (epoch {epoch});"
+            f" see {run.errors_dir} for samples that failed to decode"
+        )
+
+
+def train_step(run: Run, micro_batches: Iterable[dict[str, Any]]) -> bool:
+    """One optimizer step over `train.grad_accum` micro-batches, taken lazily from
+    `micro_batches` (each is moved to the device, run forward and backward as it comes).
+
+    Returns False, without stepping, when the micro-batches ran out before a full accumulation
+    (the epoch is over; gradients of a partial accumulation stay for the next step)."""
+    config = run.config
+    grad_accum = config.train.grad_accum
+    count = 0
+    for count, batch in enumerate(micro_batches, start=1):
+        batch = _to_device(batch, run.device)
+        # DDP only syncs gradients on the last micro-batch of an accumulation.
+        last_micro = count == grad_accum
+        sync = run.train_model.no_sync() if (run.context.is_distributed and not last_micro) else contextlib.nullcontext()
+        with sync, autocast_context(run.device, config.train.precision):
+            logits = run.train_model(batch["image"], batch["logmel"])
+            loss, parts = run.loss_fn(logits.float(), batch["mask"])
+        run.scaler.scale(loss / grad_accum).backward()
+        run.window.add({"loss": loss.detach(), **parts}, grad_accum, batch["image"].shape[0])
+    if count < grad_accum:
+        return False
+    if config.train.grad_clip:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.train.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    run.step += 1
+    run.window.steps += 1
+    return True
+
+
+def after_step(run: Run, epoch: int, stop_at: int, show: Callable[..., None]) -> None:
+    """Log every `log_every` steps, validate (and save best.pt) every `eval_every`, save
+    last.pt every `checkpoint_every`; all of them at the last step."""
+    train, step = run.config.train, run.step
+    total_steps = train.steps
+    if step % train.log_every == 0 or step == total_steps:
+        log_window(run, epoch, show)
+    else:
+        show(completed=step)
+    if step % train.eval_every == 0 or step == total_steps:
+        result = validate(run)
+        if result is not None:
+            if run.run_log is not None:
+                run.run_log.log({"step": step, "split": "val", **_scalars(result)})
+            if result["miou"] > run.best["miou"]:
+                run.best = {"miou": result["miou"], "fscore": result["fscore"], "step": step}
+                save_checkpoint(run, "best.pt")
+    if step % train.checkpoint_every == 0 or step in (total_steps, stop_at):
+        save_checkpoint(run, "last.pt")
+
+
+def log_window(run: Run, epoch: int, show: Callable[..., None]) -> None:
+    """The losses averaged over the steps since the last log line (and over ranks), the
+    learning rate and the throughput: one metrics.jsonl line and the progress bar."""
+    window = run.window
+    averaged = all_reduce_mean({k: v / window.steps for k, v in window.running.items()}, run.device)
+    rate = window.samples * run.context.world_size / max(time.time() - window.start, 1e-9)
+    lr = run.optimizer.param_groups[0]["lr"]
+    if run.run_log is not None:
+        run.run_log.log({"step": run.step, "epoch": epoch, "lr": lr, "samples_per_s": rate, **averaged})
+    show(completed=run.step, loss=averaged["loss"], lr=lr, rate=rate)
+    run.window = LogWindow()
+
+
+def validate(run: Run) -> dict[str, Any] | None:
+    """The model on the val split (None when there is none); the model is back in train mode."""
+    if not run.inputs.val_shards:
+        return None
+    loader = make_eval_loader(
+        run.inputs.val_shards, run.config, rank=run.context.rank, world_size=run.context.world_size, errors_dir=run.errors_dir
+    )
+    result = evaluate_model(run.model, loader, run.config, run.context)
+    run.model.train()
+    return result
+
+
+def save_checkpoint(run: Run, name: str) -> None:
+    """RUN_DIR/`name` (a collective: call it on every rank; rank 0 writes)."""
+    save_training_checkpoint(
+        run.request.out_dir / name,
+        {
+            "format": FORMAT,
+            "model": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "lr_scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict(),
+            "step": run.step,
+            "epoch": run.step // run.inputs.steps_per_epoch,
+            "miou": run.best["miou"],
+            "fscore": run.best["fscore"],
+            "best": run.best,
+            "config": to_dict(run.config),
+            "classes": run.inputs.index.class_names(),
+        },
+        run.context,
+    )
 
 @contextlib.contextmanager
 def _sigterm_as_interrupt():
@@ -363,14 +565,6 @@ def _sigterm_as_interrupt():
 
 def _scalars(result: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in result.items() if isinstance(v, (int, float))}
-
-
-def _gather_objects(value: Any, context: DistributedContext) -> list[Any]:
-    if not context.is_distributed:
-        return [value]
-    gathered: list[Any] = [None] * context.world_size
-    torch.distributed.all_gather_object(gathered, value)
-    return gathered
 
 
 def _print_start_summary(config, index, model, context, steps_per_epoch, val_shards) -> None:

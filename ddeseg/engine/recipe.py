@@ -1,0 +1,107 @@
+"""What the two training recipes (`ddeseg train`, `ddeseg pretrain-audio`) share.
+
+- `warmup_cosine_lr`: the one learning-rate schedule (linear warm-up, then cosine to `min_lr`).
+- `check_run_dir`: the run folder checks made before any work (not a file; an existing run is
+  only continued with `--resume` or replaced with `--overwrite`).
+- `save_training_checkpoint`: the atomic checkpoint write with every rank's RNG state.
+
+The metrics log both write is `ddeseg.engine.run_log.RunLog`.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ddeseg.checkpoint import atomic_torch_save, capture_rng_state
+from ddeseg.distributed import DistributedContext
+from ddeseg.errors import DDESegError
+
+
+def warmup_cosine_lr(
+    step: int,
+    *,
+    base_lr: float,
+    min_lr: float,
+    warmup_steps: int,
+    total_steps: int,
+    warmup_lr: float | None = None,
+) -> float:
+    """The learning rate of optimizer step `step` (0-based): a linear warm-up to `base_lr` over
+    `warmup_steps`, then a half cosine from `base_lr` to `min_lr` ending at `total_steps`.
+
+    Two warm-up forms, kept because each recipe's results depend on its own:
+    - `warmup_lr` given (train): step 0 runs at `warmup_lr`, step `warmup_steps` at `base_lr`.
+      (The official scheduler warms up from 0 ignoring its own `warmup_lr` and runs its cosine
+      over all steps including the warm-up; we honour `warmup_lr` and run the cosine over the
+      remaining steps so the schedule ends exactly at `min_lr`.)
+    - `warmup_lr` None (pretrain-audio): from zero, step 0 already at `base_lr / warmup_steps`
+      and step `warmup_steps - 1` at `base_lr`.
+    """
+    if step < warmup_steps:
+        if warmup_lr is None:
+            return base_lr * (step + 1) / warmup_steps
+        progress = step / max(1, warmup_steps)
+        return warmup_lr + (base_lr - warmup_lr) * progress
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def check_run_dir(
+    out_dir: Path,
+    *,
+    outputs: Sequence[str] = (),
+    resume: bool = False,
+    overwrite: bool = False,
+) -> None:
+    """Refuse, before any work, an `--out` that is a file, and a run folder that already holds
+    one of `outputs` unless the user asked to continue (`resume`) or replace (`overwrite`) it."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DDESegError(f"--out {out_dir} is a file, not a run directory: choose a folder path")
+    if resume and overwrite:
+        raise DDESegError("--resume and --overwrite contradict each other: continue the run or replace it, not both")
+    if resume or overwrite:
+        return
+    found = [name for name in outputs if (out_dir / name).exists()]
+    if found:
+        raise DDESegError(
+            f"--out {out_dir} already holds a run ({', '.join(found)}): continue it with --resume latest,"
+            " replace it with --overwrite, or choose another --out"
+        )
+
+
+def clear_run_outputs(out_dir: Path, outputs: Sequence[str]) -> None:
+    """Remove a previous run's `outputs` (files or folders) from `out_dir` (`--overwrite`), so
+    nothing of it (a stale best.pt, its skipped-sample reports) is mistaken for the new run's."""
+    for name in outputs:
+        path = out_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def save_training_checkpoint(path: Path, payload: dict[str, Any], context: DistributedContext | None = None) -> None:
+    """Write `payload` plus `rng` atomically to `path` (the main rank writes).
+
+    Every rank's RNG state is gathered (a collective: call it on every rank) so that a resumed
+    multi-rank run continues each rank's stream; `rng` is that list under torchrun and the one
+    state otherwise.
+    """
+    context = context or DistributedContext()
+    rng_states = _gather_objects(capture_rng_state(), context)
+    if context.is_main:
+        atomic_torch_save({**payload, "rng": rng_states if context.is_distributed else rng_states[0]}, path)
+
+
+def _gather_objects(value: Any, context: DistributedContext) -> list[Any]:
+    if not context.is_distributed:
+        return [value]
+    gathered: list[Any] = [None] * context.world_size
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
