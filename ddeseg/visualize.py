@@ -187,17 +187,18 @@ def _text_block(
     block = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(block)
     font = _font(font_px)
-    pad = max(2, font_px // 3)
-    line = font_px + pad
+    line = font_px + max(4, font_px // 3)
+    top = max(1, (line - font_px) // 2 - 1)  # the glyphs' box starts ~font_px / 5 below y
     lines = list(lines)
-    fits = max(1, (height - pad) // line)
+    fits = max(1, height // line)
     if len(lines) > fits:
         lines = lines[: fits - 1] + [(None, f"+{len(lines) - fits + 1} more")]
     for row, (colour, text) in enumerate(lines):
-        y, x = pad + row * line, pad
+        y, x = row * line + top, max(3, font_px // 3)
         if colour is not None:
-            draw.rectangle([x, y, x + font_px - 1, y + font_px - 1], fill=colour, outline=OUTLINE_COLOR)
-            x += font_px + pad
+            side = font_px - 2
+            draw.rectangle([x, y + 3, x + side - 1, y + 3 + side - 1], fill=colour, outline=OUTLINE_COLOR)
+            x += side + max(3, font_px // 3)
         draw.text((x, y), text, fill=fill, font=font)
     return block
 
