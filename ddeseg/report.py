@@ -198,28 +198,23 @@ def evaluation_sections(report: dict[str, Any], picture_prefix: str = "") -> lis
         tables.append(confusion)
     sections = [Section("Per class", tables=tables)]
     control = report.get("audio_control", "none")
-    figures = [
-        Figure(picture_prefix + s["picture"], f"{s['key']}: frame IoU {fmt(s['iou'], 3)}, audio {control}")
-        for s in report.get("samples", [])
-    ]
-    if figures:
-        sections.append(Section(
+    galleries = [
+        (
             "Frames",
-            ["Each picture: image | ground truth | prediction, the classes present with their share of the frame, and"
-             " below, the second of audio the model was given (log-mel) with the classes that sound in it according"
-             " to the ground truth. Click a picture for full size."],
-            figures=figures,
-        ))
-    strips = [
-        Figure(picture_prefix + s["picture"], f"{s['label']} video {s['video']} (video IoU {fmt(s['iou'], 3)} of the videos drawn)")
-        for s in report.get("video_strips", [])
-    ]
-    if strips:
-        sections.append(Section(
+            "Each picture: image | ground truth | prediction, the classes present with their share of the frame, and"
+            " below, the second of audio the model was given (log-mel) with the classes that sound in it according"
+            " to the ground truth. Click a picture for full size.",
+            [Figure(picture_prefix + s["picture"], f"{s['key']}: frame IoU {fmt(s['iou'], 3)}, audio {control}")
+             for s in report.get("samples", [])],
+        ),
+        (
             "Videos",
-            ["Frames of one video left to right: ground truth, then prediction, then each frame's second of audio."],
-            figures=strips,
-        ))
+            "Frames of one video left to right: ground truth, then prediction, then each frame's second of audio.",
+            [Figure(picture_prefix + s["picture"], f"{s['label']} video {s['video']} (video IoU {fmt(s['iou'], 3)} of the videos drawn)")
+             for s in report.get("video_strips", [])],
+        ),
+    ]
+    sections += [Section(title, [text], figures=figures) for title, text, figures in galleries if figures]
     worst = [p for p in report.get("pictures", []) if p.endswith("worst-frames.png")]
     if worst:
         keys = ", ".join(f"{w['key']} ({fmt(w['iou'], 3)})" for w in report.get("worst_frames", []))

@@ -214,7 +214,7 @@ def test_evaluation_report_has_every_table_row_and_picture(tmp_path):
     assert sorted(page.images) == sorted(report["pictures"]) and sorted(page.links) == sorted(report["pictures"])
     markdown = (tmp_path / "eval.md").read_text()
     assert "| 2 | bravo |" in markdown and "| DDESeg (split-accumulated) |" in markdown
-    assert all(f"![" in markdown and f"]({p})" in markdown for p in report["pictures"])
+    assert all("![" in markdown and f"]({p})" in markdown for p in report["pictures"])
 
 
 def test_demo_report_has_all_control_rows_curves_and_pictures(tmp_path):

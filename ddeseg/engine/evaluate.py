@@ -64,6 +64,7 @@ from ddeseg.visualize import (
 AUDIO_CONTROLS = ("none", "shuffled", "silent")
 EVAL_JSON, EVAL_MD, EVAL_HTML = "eval.json", "eval.md", "eval.html"
 PICTURES_DIR, WORST_SHEET = "pictures", "worst-frames.png"
+STRIP_VIDEOS = 12  # videos kept for the best / median / worst video strips
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,8 +164,8 @@ class AudioControl:
 class PictureCollector:
     """Keeps the frames to draw: `samples` frames spread over the split (by a hash of the key), the
     `worst` frames by their mean IoU (`SegmentationMeter.update`'s per-frame score; ties by key;
-    frames without a score are never "worst"), and every frame of `videos` videos spread over the
-    split (by a hash of the video id), from which `video_strips` picks the best, median and worst
+    frames without a score are never "worst"), and every frame of `videos` videos (default `STRIP_VIDEOS`, none when
+    `samples` is 0) spread over the split (by a hash of the video id), from which `video_strips` picks the best, median and worst
     video by video IoU (the mean of its frames' IoUs). The choice does not depend on the number of
     ranks: a video among the `videos` smallest hashes of the whole split is among the smallest of
     every rank that sees it, so each rank keeps its frames of it.
@@ -175,10 +176,14 @@ class PictureCollector:
 
     samples: int = 16
     worst: int = 16
-    videos: int = 12
+    videos: int | None = None  # default: STRIP_VIDEOS when samples are drawn, else none
     _samples: dict[str, FramePicture] = field(default_factory=dict)
     _worst: dict[str, FramePicture] = field(default_factory=dict)
     _videos: dict[str, dict[str, FramePicture]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.videos is None:
+            self.videos = STRIP_VIDEOS if self.samples > 0 else 0
 
     def add(
         self,
