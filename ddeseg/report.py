@@ -253,9 +253,10 @@ def plot_training_curves(metrics_path: Path, png_path: Path) -> Path:
     val_records = [r for r in records if r.get("split") == "val"]
     figure, loss_axis = plt.subplots(figsize=(9, 3.8), dpi=110)
     steps = [r["step"] for r in train_records]
-    loss_axis.plot(steps, [r["loss"] for r in train_records], label="loss", color="black")
+    marker = "o" if len(steps) < 20 else None  # a line of one or two points is invisible without markers
+    loss_axis.plot(steps, [r["loss"] for r in train_records], label="loss", color="black", marker=marker)
     for part in sorted({k for r in train_records for k in r if k.endswith("_loss")}):
-        loss_axis.plot(steps, [r.get(part, float("nan")) for r in train_records], label=part, linewidth=0.8)
+        loss_axis.plot(steps, [r.get(part, float("nan")) for r in train_records], label=part, linewidth=0.8, marker=marker)
     loss_axis.set_xlabel("step")
     loss_axis.set_ylabel("training loss")
     loss_axis.grid(alpha=0.3)

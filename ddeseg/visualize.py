@@ -60,7 +60,9 @@ TITLE_PX = 24
 INFO_LINES = 6  # text lines under the panels: a header and up to 5 classes
 AUDIO_HEADER_PX = 20
 AUDIO_STRIP_PX = 96
-AUDIO_RANGE_DB = 80.0  # the log-mel strip shows the top 80 dB of each picture
+# The log-mel strip's colour scale, in the front end's dB (floor -100 dB, loud sounds ~ +10..20 dB):
+# fixed, not per picture, so that a quiet second looks quiet next to a loud one.
+LOGMEL_DB_RANGE = (-100.0, 20.0)
 BACKGROUND = (32, 32, 32)
 TEXT = (240, 240, 240)
 DIM_TEXT = (170, 170, 170)
@@ -325,17 +327,16 @@ def sounding_text(sounding: Sequence[int] | None, class_names: Sequence[str] | N
 
 
 def logmel_picture(logmel: np.ndarray | None, width: int, height: int) -> np.ndarray:
-    """uint8 RGB `[height, width, 3]`: a log-mel `[frames, mel_bins]` (dB) in the magma colour map,
-    time left to right, low mel bins at the bottom, the top `AUDIO_RANGE_DB` dB of the picture
-    (a constant log-mel, e.g. the silent control's floor, is black). Black when `logmel` is None."""
+    """uint8 RGB `[height, width, 3]`: a log-mel `[frames, mel_bins]` (dB) in the magma colour map
+    over `LOGMEL_DB_RANGE` (black at the -100 dB floor, e.g. the silent control), time left to
+    right, low mel bins at the bottom. Black when `logmel` is None."""
     if logmel is None or np.asarray(logmel).size == 0:
         return np.zeros((height, width, 3), dtype=np.uint8)
     from matplotlib import colormaps
 
     values = np.asarray(logmel, dtype=np.float32).reshape(-1, np.asarray(logmel).shape[-1])
-    high = float(values.max())
-    low = max(float(values.min()), high - AUDIO_RANGE_DB)
-    scaled = np.zeros_like(values) if high - low < 1e-6 else np.clip((values - low) / (high - low), 0.0, 1.0)
+    low, high = LOGMEL_DB_RANGE
+    scaled = np.clip((values - low) / (high - low), 0.0, 1.0)
     rgb = (colormaps["magma"](scaled.T[::-1])[..., :3] * 255.0).round().astype(np.uint8)  # [mel, frames, 3]
     return np.asarray(Image.fromarray(rgb, mode="RGB").resize((width, height), Image.Resampling.NEAREST))
 
@@ -374,9 +375,10 @@ def frame_picture(
         outlined_overlay(image, upscale_mask(frame.prediction, size), palette),
     ]
     info_height = INFO_LINES * LINE_PX
-    where = f"video {frame.video}, frame {frame.frame}" if frame.video is not None else ""
+    # Video ids can be long (YouTube id + times): on their own line, cut at the panel's edge.
+    where = [(None, f"video {frame.video}"), (None, f"frame {frame.frame}")] if frame.video is not None else []
     infos = [
-        [(None, "image"), (None, f"{frame.image.shape[1]}x{frame.image.shape[0]} px model input")] + ([(None, where)] if where else []),
+        [(None, "image"), (None, f"{frame.image.shape[1]}x{frame.image.shape[0]} px model input"), *where],
         [(None, "ground truth")] + (class_shares(frame.target, class_names, palette) or [(None, "background only")]),
         [(None, "prediction")] + (class_shares(frame.prediction, class_names, palette) or [(None, "background only")]),
     ]

@@ -121,13 +121,23 @@ def test_panels_are_never_smaller_than_256_and_keep_large_inputs():
 
 
 def test_logmel_strip_has_low_bins_at_the_bottom_and_silence_black():
-    logmel = np.full((50, 8), -80.0, np.float32)
-    logmel[:, 7] = 0.0  # loud only in the highest mel bin
+    logmel = np.full((50, 8), -100.0, np.float32)  # the front end's floor
+    logmel[:, 7] = 15.0  # loud only in the highest mel bin
     picture = logmel_picture(logmel, 100, 40)
     assert picture.shape == (40, 100, 3)
-    assert picture[:5].mean() > 150 and picture[-5:].mean() < 30  # top row bright, bottom dark
+    assert picture[:5].mean() > 150 and picture[-5:].mean() < 10  # top row bright, bottom black
     constant = logmel_picture(np.full((50, 8), -100.0, np.float32), 100, 40)
     assert constant.max() < 10  # the silent control's floor is not drawn as loud
+
+
+def test_a_quiet_second_looks_quieter_than_a_loud_one():
+    # One colour scale for every picture: a noise floor around -45 dB (a silent synthetic second)
+    # must not be stretched to look as loud as a second with a +15 dB sound.
+    rng = np.random.default_rng(0)
+    quiet = rng.normal(-45.0, 3.0, (50, 8)).astype(np.float32)
+    loud = quiet.copy()
+    loud[:, 2:5] = 15.0
+    assert logmel_picture(quiet, 100, 40).mean() + 40 < logmel_picture(loud, 100, 40).mean()
 
 
 def test_video_strip_puts_frames_left_to_right():

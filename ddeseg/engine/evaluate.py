@@ -721,13 +721,14 @@ def print_report(report: dict[str, Any], console: Any) -> None:
     overall.add_row(report["avsbench_protocol"], fmt(report["avsbench_miou"]), fmt(report["avsbench_fscore"]), "–")
     console.print(overall)
     per_class = Table(title="per class (DDESeg protocol)")
-    for column in ("id", "class", "IoU", "F-score", "F1", "GT px", "pred px", "GT frames", "most painted instead"):
+    # No F1 column here (eval.md has it): the table must stay readable in an 80-column terminal.
+    for column in ("id", "class", "IoU", "F-score", "GT px", "pred px", "GT frames", "most painted instead"):
         per_class.add_column(column, justify="left" if column in ("class", "most painted instead") else "right")
     confusion = report.get("confusion") if isinstance(report.get("confusion"), dict) else {}
     for name, entry in report["per_class"].items():
         instead = next(iter(confusion.get(name, {}).items()), None)
         per_class.add_row(
-            str(entry["id"]), name, fmt(entry["iou"]), fmt(entry["fscore"]), fmt(entry["f1"]),
+            str(entry["id"]), name, fmt(entry["iou"]), fmt(entry["fscore"]),
             str(entry["target_pixels"]), str(entry["predicted_pixels"]), str(entry.get("target_frames", "–")),
             f"{instead[0]} ({instead[1]} px)" if instead else "",
         )
