@@ -148,6 +148,8 @@ _COUNT_STATES = (
     "avss_frames",
     "num_frames",
     "num_pixels",
+    "target_frames",
+    "confusion",
 )
 _SUM_STATES = ("avss_iou_sum", "avss_fscore_sum")
 
@@ -191,6 +193,10 @@ class SegmentationMeter:
             "avss_frames": torch.zeros(c, dtype=torch.int64, device=device),
             "num_frames": torch.zeros((), dtype=torch.int64, device=device),
             "num_pixels": torch.zeros((), dtype=torch.int64, device=device),
+            # For reports, not for either protocol: frames whose ground truth holds the class,
+            # and pixels by (ground-truth class, predicted class).
+            "target_frames": torch.zeros(c, dtype=torch.int64, device=device),
+            "confusion": torch.zeros(c, c, dtype=torch.int64, device=device),
         }
         state.update({name: torch.zeros(c, dtype=torch.float64, device=device) for name in _SUM_STATES})
         return state
@@ -330,6 +336,10 @@ class SegmentationMeter:
             "avss_frames": present.sum(0),
             "num_frames": torch.tensor(batch, device=pred.device),
             "num_pixels": valid.sum(),
+            "target_frames": (target_area > 0).sum(0),
+            "confusion": torch.bincount(
+                torch.where(valid, gt * c + pred, c * c).reshape(-1), minlength=c * c + 1
+            )[: c * c].view(c, c),
             "avss_iou_sum": frame_iou.sum(0),  # zero where absent: inter = 0 there
             "avss_fscore_sum": frame_f.sum(0),
         }
@@ -351,7 +361,10 @@ class SegmentationMeter:
             `per_class`: `{class_id: {...}}` for every class with `tp`, `fp`, `fn`, `union`,
             `target_pixels`, `predicted_pixels`, `evaluated`, `iou`, `precision`, `recall`,
             `fscore`, `f1` (None when not evaluated), `avsbench_frames`, `avsbench_iou`,
-            `avsbench_fscore` (0.0 for a class in no frame, as that protocol counts it).
+            `avsbench_fscore` (0.0 for a class in no frame, as that protocol counts it),
+            `target_frames` (frames whose ground truth holds the class);
+            `confusion`: `[num_classes][num_classes]` pixel counts, row = ground-truth class,
+            column = predicted class (not part of either protocol; for reports).
         """
         state = {name: t.cpu() for name, t in self._ensure_state(self._device or torch.device("cpu")).items()}
         tp = state["intersection"].double()
@@ -393,6 +406,7 @@ class SegmentationMeter:
                 "avsbench_frames": int(frames[k]),
                 "avsbench_iou": avss_iou[k].item(),
                 "avsbench_fscore": avss_f[k].item(),
+                "target_frames": int(state["target_frames"][k]),
             }
         return {
             "miou": mean_evaluated(iou),
@@ -404,6 +418,7 @@ class SegmentationMeter:
             "num_frames": int(state["num_frames"]),
             "num_pixels": int(state["num_pixels"]),
             "per_class": per_class,
+            "confusion": state["confusion"].tolist(),
         }
 
 

@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
 
 from ddeseg.audio import LogMelBatcher
 from ddeseg.config import Config
@@ -42,13 +41,8 @@ from ddeseg.data.augment import preprocess_for_model
 from ddeseg.data.boxes import sounding_boxes
 from ddeseg.errors import DDESegError
 from ddeseg.video import SampledFrame, sample_frames
-from ddeseg.visualize import overlay, voc_palette
 
 MASKS_DIR, OVERLAYS_DIR = "masks", "overlays"  # where `FramePrediction.to_json` says its pictures are
-# Overlays for people watching a video: a stronger fill than evaluation's pictures (0.4) and a
-# white outline, so that a dark palette colour over a similar object is still seen.
-OVERLAY_ALPHA = 0.55
-OUTLINE_COLOR = (255, 255, 255)
 RESIZE_BUDGET = 1 << 25  # logits values (float32) resized at once: 128 MB
 
 
@@ -216,74 +210,3 @@ def _predict_batch(
         yield FramePrediction(
             frame.index, frame.time_s, frame.frame_time_s, frame.image, mask, entries, union_box, frame.audio_source
         )
-
-
-# --------------------------------------------------------------------------------------------
-# Pictures and the overlay video
-# --------------------------------------------------------------------------------------------
-
-
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
-        return ImageFont.load_default()
-
-
-def mask_outline(mask: np.ndarray) -> np.ndarray:
-    """bool `[H, W]`: the pixels of a class region (not background) that touch another label,
-    thickened to about H / 240 pixels so that outlines stay visible on large frames."""
-    edge = np.zeros(mask.shape, dtype=bool)
-    edge[1:] |= mask[1:] != mask[:-1]
-    edge[:-1] |= mask[:-1] != mask[1:]
-    edge[:, 1:] |= mask[:, 1:] != mask[:, :-1]
-    edge[:, :-1] |= mask[:, :-1] != mask[:, 1:]
-    for _ in range(max(0, mask.shape[0] // 240 - 1)):
-        grown = edge.copy()
-        grown[1:] |= edge[:-1]
-        grown[:-1] |= edge[1:]
-        grown[:, 1:] |= edge[:, :-1]
-        grown[:, :-1] |= edge[:, 1:]
-        edge = grown
-    return edge & (mask != 0)
-
-
-def legend_font_px(height: int) -> int:
-    return max(10, round(height / 32))
-
-
-def overlay_with_legend(
-    prediction: FramePrediction, palette: np.ndarray | None = None, note: str | None = None
-) -> np.ndarray:
-    """uint8 RGB `[H, W + panel, 3]`: the frame with its mask blended in (`visualize.overlay`) and a
-    legend panel on the right (time, `note`, then a colour swatch, name and pixel share per class
-    present). The panel's width depends only on H, so every picture of a video has one size."""
-    palette = voc_palette() if palette is None else palette
-    picture = overlay(prediction.image, prediction.mask, palette, alpha=OVERLAY_ALPHA)
-    picture[mask_outline(prediction.mask)] = OUTLINE_COLOR
-    height = picture.shape[0]
-    font_px = legend_font_px(height)
-    line = font_px + max(2, font_px // 3)
-    panel = Image.new("RGB", (13 * font_px, height), (32, 32, 32))
-    draw = ImageDraw.Draw(panel)
-    font = _font(font_px)
-    pad = max(2, font_px // 3)
-    lines: list[tuple[tuple[int, int, int] | None, str]] = [(None, f"t {prediction.time_s:.2f} s")]
-    if note:
-        lines.append((None, note))
-    if not prediction.classes:
-        lines.append((None, "nothing sounding"))
-    for entry in prediction.classes:
-        colour = tuple(int(c) for c in palette[entry["id"] % len(palette)])
-        lines.append((colour, f"{entry['name']} {100 * entry['pixel_fraction']:.0f}%"))
-    fits = max(1, (height - pad) // line)
-    if len(lines) > fits:
-        lines = lines[: fits - 1] + [(None, f"+{len(lines) - fits + 1} more")]
-    for row, (colour, text) in enumerate(lines):
-        y = pad + row * line
-        x = pad
-        if colour is not None:
-            draw.rectangle([x, y, x + font_px - 1, y + font_px - 1], fill=colour, outline=(255, 255, 255))
-            x += font_px + pad
-        draw.text((x, y), text, fill=(240, 240, 240), font=font)
-    return np.concatenate([picture, np.asarray(panel)], axis=1)

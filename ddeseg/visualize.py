@@ -1,4 +1,6 @@
-"""Pictures of predictions: the official colour palette, mask overlays, triptychs and contact sheets.
+"""Pictures of predictions: the official colour palette, mask overlays, the evaluation pictures
+(one frame, one video) and `ddeseg predict`'s overlay with a legend. One drawing code path: the
+palette, the fill, the outlines and the legend swatches of every picture come from here.
 
 Colours: the VOC-style palette that AVSBench builds for its 71 AVSS classes and that the official
 DDESeg visualisation also uses for AVSS (AVSBench @ f7414af, `avs_scripts/avss/color_dataloader.py
@@ -9,33 +11,61 @@ positions 7, 6, 5, ... (from the top): 0 black, 1 (128, 0, 0), 2 (0, 128, 0), 3 
 that is the AVSS id, for the binary tasks (v1s, v1m) foreground 1 is (128, 0, 0). (DDESeg draws
 VPO masks with a palette of its own; we keep this one for every task.)
 
-Overlays blend the class colour over the image only where a class is (40 % colour, 60 % image,
-the official `Image.blend(mask, image, alpha=0.6)` weights) and leave background pixels as they
-are, so the picture stays readable; `IGNORE_INDEX` pixels are blended with white.
+`overlay` blends the class colour over the image only where a class is and leaves background
+pixels as they are; its default weights are the official `Image.blend(mask, image, alpha=0.6)`
+ones (40 % colour). The pictures meant to be looked at (`frame_picture`, `video_strip`,
+`overlay_with_legend`) use `OVERLAY_ALPHA` (55 % colour) and a white outline around every class
+region, so that ground truth and prediction stand out from the image. `IGNORE_INDEX` pixels are
+blended with white.
 
-Pictures of one frame are three square panels side by side, `image | ground truth | prediction`,
-each `S x S` at the model's input size, so a picture is `3S x S` pixels. The contact sheet puts
-such rows in a grid of `columns`, each under a caption strip of `CAPTION_PX` pixels; its size is
-`sheet_size(...)`.
+An evaluation picture of one frame (`frame_picture`, layout in `frame_layout`): a title bar (rank,
+sample key, frame IoU, audio control); three square panels `image | ground truth | prediction`,
+each `panel_size(S)` = max(256, S) pixels (the model-size inputs upscaled: bicubic for the image,
+nearest neighbour for the masks); under the mask panels the classes present with their colour and
+pixel share; at the bottom the log-mel the model was given (time left to right, low mel bins at
+the bottom) with the classes that sound in the frame according to the ground truth. Its size
+depends only on S. `video_strip` draws the frames of one video left to right, ground truth and
+prediction rows, with their seconds of audio side by side beneath.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from ddeseg.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from ddeseg.data.schema import IGNORE_INDEX
 
-OVERLAY_ALPHA = 0.4  # weight of the class colour (the official blend keeps 0.6 of the image)
+OFFICIAL_ALPHA = 0.4  # `overlay`'s default: the official blend keeps 0.6 of the image
+# Pictures for people: a stronger fill than the official blend and a white outline, so that a dark
+# palette colour over a similar object is still seen and ground truth differs from the image.
+OVERLAY_ALPHA = 0.55
+OUTLINE_COLOR = (255, 255, 255)
 IGNORE_COLOR = (255, 255, 255)
-CAPTION_PX = 14  # height of the text strip above each contact-sheet cell
+CAPTION_PX = 14  # height of the rank caption of `triptych` contact sheets (kept for old callers)
 SEPARATOR_PX = 2  # gap between contact-sheet cells
+PANEL_MIN_PX = 256  # short side of every panel of an evaluation picture
+STRIP_CELL_PX = 192  # side of one frame in a video strip
+GAP_PX = 4  # between panels
+FONT_PX = 14
+LINE_PX = 18
+TITLE_PX = 24
+INFO_LINES = 6  # text lines under the panels: a header and up to 5 classes
+AUDIO_HEADER_PX = 20
+AUDIO_STRIP_PX = 96
+# The log-mel strip's colour scale, in the front end's dB (floor -100 dB, loud sounds ~ +10..20 dB):
+# fixed, not per picture, so that a quiet second looks quiet next to a loud one.
+LOGMEL_DB_RANGE = (-100.0, 20.0)
+BACKGROUND = (32, 32, 32)
+TEXT = (240, 240, 240)
+DIM_TEXT = (170, 170, 170)
 
 
 def voc_palette(num_classes: int = 256) -> np.ndarray:
@@ -61,7 +91,13 @@ def colorize(mask: np.ndarray, palette: np.ndarray | None = None) -> np.ndarray:
     return table[np.asarray(mask, dtype=np.uint8)]
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, palette: np.ndarray | None = None, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+def class_colour(class_id: int, palette: np.ndarray | None = None) -> tuple[int, int, int]:
+    """RGB of one class id, as `colorize` paints it."""
+    r, g, b = colorize(np.array([[class_id]], dtype=np.uint8), palette)[0, 0]
+    return int(r), int(g), int(b)
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, palette: np.ndarray | None = None, alpha: float = OFFICIAL_ALPHA) -> np.ndarray:
     """Blend the colours of `mask` (class ids `[H, W]`) over `image` (uint8 `[H, W, 3]`).
 
     Background (0) pixels keep the image; every other pixel is `(1 - alpha) image + alpha colour`.
@@ -73,6 +109,100 @@ def overlay(image: np.ndarray, mask: np.ndarray, palette: np.ndarray | None = No
     blended = (1.0 - alpha) * image.astype(np.float32) + alpha * colours
     out = np.where((np.asarray(mask) != 0)[..., None], np.rint(blended), image.astype(np.float32))
     return out.astype(np.uint8)
+
+
+def mask_outline(mask: np.ndarray) -> np.ndarray:
+    """bool `[H, W]`: the pixels of a class region (not background) that touch another label,
+    thickened to about H / 240 pixels so that outlines stay visible on large frames."""
+    edge = np.zeros(mask.shape, dtype=bool)
+    edge[1:] |= mask[1:] != mask[:-1]
+    edge[:-1] |= mask[:-1] != mask[1:]
+    edge[:, 1:] |= mask[:, 1:] != mask[:, :-1]
+    edge[:, :-1] |= mask[:, :-1] != mask[:, 1:]
+    for _ in range(max(0, mask.shape[0] // 240 - 1)):
+        grown = edge.copy()
+        grown[1:] |= edge[:-1]
+        grown[:-1] |= edge[1:]
+        grown[:, 1:] |= edge[:, :-1]
+        grown[:, :-1] |= edge[:, 1:]
+        edge = grown
+    return edge & (mask != 0)
+
+
+def outlined_overlay(image: np.ndarray, mask: np.ndarray, palette: np.ndarray | None = None) -> np.ndarray:
+    """`overlay` at `OVERLAY_ALPHA` with every class region outlined in `OUTLINE_COLOR`."""
+    picture = overlay(image, mask, palette, alpha=OVERLAY_ALPHA)
+    picture[mask_outline(mask)] = OUTLINE_COLOR
+    return picture
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def legend_font_px(height: int) -> int:
+    """Font size of `overlay_with_legend`'s panel for a frame `height` pixels high."""
+    return max(10, round(height / 32))
+
+
+class LegendFrame(Protocol):
+    """What `overlay_with_legend` reads (`ddeseg.predict.FramePrediction` is one)."""
+
+    time_s: float
+    image: np.ndarray  # uint8 RGB [H, W, 3]
+    mask: np.ndarray  # uint8 [H, W] class ids
+    classes: list[dict[str, Any]]  # per class present: id, name, pixel_fraction
+
+
+def overlay_with_legend(prediction: LegendFrame, palette: np.ndarray | None = None, note: str | None = None) -> np.ndarray:
+    """uint8 RGB `[H, W + panel, 3]`: the frame with its mask blended in (`outlined_overlay`) and a
+    legend panel on the right (time, `note`, then a colour swatch, name and pixel share per class
+    present). The panel's width depends only on H, so every picture of a video has one size."""
+    palette = voc_palette() if palette is None else palette
+    picture = outlined_overlay(prediction.image, prediction.mask, palette)
+    height = picture.shape[0]
+    font_px = legend_font_px(height)
+    lines: list[tuple[tuple[int, int, int] | None, str]] = [(None, f"t {prediction.time_s:.2f} s")]
+    if note:
+        lines.append((None, note))
+    if not prediction.classes:
+        lines.append((None, "nothing sounding"))
+    for entry in prediction.classes:
+        lines.append((class_colour(entry["id"], palette), f"{entry['name']} {100 * entry['pixel_fraction']:.0f}%"))
+    panel = _text_block(13 * font_px, height, lines, font_px)
+    return np.concatenate([picture, np.asarray(panel)], axis=1)
+
+
+def _text_block(
+    width: int,
+    height: int,
+    lines: Sequence[tuple[tuple[int, int, int] | None, str]],
+    font_px: int = FONT_PX,
+    fill: tuple[int, int, int] = TEXT,
+) -> Image.Image:
+    """A dark `width x height` block with one text line per entry, a colour swatch before the
+    text where the entry has a colour. Lines that do not fit end in `+N more`; long text is cut
+    at the block's edge (the block is its own image)."""
+    block = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(block)
+    font = _font(font_px)
+    line = font_px + max(4, font_px // 3)
+    top = max(1, (line - font_px) // 2 - 1)  # the glyphs' box starts ~font_px / 5 below y
+    lines = list(lines)
+    fits = max(1, height // line)
+    if len(lines) > fits:
+        lines = lines[: fits - 1] + [(None, f"+{len(lines) - fits + 1} more")]
+    for row, (colour, text) in enumerate(lines):
+        y, x = row * line + top, max(3, font_px // 3)
+        if colour is not None:
+            side = font_px - 2
+            draw.rectangle([x, y + 3, x + side - 1, y + 3 + side - 1], fill=colour, outline=OUTLINE_COLOR)
+            x += side + max(3, font_px // 3)
+        draw.text((x, y), text, fill=fill, font=font)
+    return block
 
 
 def denormalize_images(images: torch.Tensor) -> np.ndarray:
@@ -92,10 +222,15 @@ class FramePicture:
     target: np.ndarray  # uint8 [S, S] task class ids (IGNORE_INDEX kept)
     prediction: np.ndarray  # uint8 [S, S] predicted task class ids
     score: float  # the frame's mean IoU (see `SegmentationMeter.update`); NaN if undefined
+    logmel: np.ndarray | None = None  # float32 [frames, mel_bins]: the audio the model was given
+    sounding: tuple[int, ...] | None = None  # task ids that sound in the frame (ground truth)
+    video: str | None = None
+    frame: int | None = None
 
 
 def triptych(frame: FramePicture, palette: np.ndarray | None = None) -> np.ndarray:
-    """uint8 `[S, 3S, 3]`: image | ground-truth overlay | prediction overlay."""
+    """uint8 `[S, 3S, 3]`: image | ground-truth overlay | prediction overlay at the model's size
+    and the official blend (no upscaling, no text; `frame_picture` is the picture to look at)."""
     return np.concatenate(
         [frame.image, overlay(frame.image, frame.target, palette), overlay(frame.image, frame.prediction, palette)],
         axis=1,
@@ -115,32 +250,240 @@ def save_png(array: np.ndarray, path: str | Path) -> Path:
     return path
 
 
+# --------------------------------------------------------------------------------------------
+# Evaluation pictures
+# --------------------------------------------------------------------------------------------
+
+
+def panel_size(image_size: int) -> int:
+    """Side of each panel of a frame picture: the model's input size, at least `PANEL_MIN_PX`."""
+    return max(PANEL_MIN_PX, int(image_size))
+
+
+def upscale_image(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 RGB `[H, W, 3]` -> `[size, size, 3]` (bicubic; the identity at the same size)."""
+    if image.shape[:2] == (size, size):
+        return image
+    return np.asarray(Image.fromarray(image, mode="RGB").resize((size, size), Image.Resampling.BICUBIC))
+
+
+def upscale_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """uint8 class ids `[H, W]` -> `[size, size]` by nearest neighbour (no invented labels)."""
+    if mask.shape == (size, size):
+        return mask
+    return np.asarray(Image.fromarray(np.asarray(mask, dtype=np.uint8), mode="L").resize((size, size), Image.Resampling.NEAREST))
+
+
+@dataclass(frozen=True)
+class FrameLayout:
+    """Where things are in a `frame_picture` (pixels): `panels` holds the top-left corners of the
+    image, ground-truth and prediction panels, each `panel` pixels square."""
+
+    width: int
+    height: int
+    panel: int
+    panels: tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+    info_y: int
+    audio_y: int  # top of the audio header; the strip is below it
+
+
+def frame_layout(image_size: int) -> FrameLayout:
+    """The layout of `frame_picture` for frames of `image_size` pixels (depends on nothing else)."""
+    panel = panel_size(image_size)
+    width = 3 * panel + 2 * GAP_PX
+    info_y = TITLE_PX + panel
+    audio_y = info_y + INFO_LINES * LINE_PX + GAP_PX
+    height = audio_y + AUDIO_HEADER_PX + AUDIO_STRIP_PX
+    corners = tuple((i * (panel + GAP_PX), TITLE_PX) for i in range(3))
+    return FrameLayout(width, height, panel, corners, info_y, audio_y)  # type: ignore[arg-type]
+
+
+def class_name(class_id: int, class_names: Sequence[str] | None) -> str:
+    """The task class name of an id (`class_{id}` when unknown; the ignore label is "ignored")."""
+    if class_id == IGNORE_INDEX:
+        return "ignored"
+    if class_names is not None and 0 <= class_id < len(class_names):
+        return str(class_names[class_id])
+    return f"class_{class_id}"
+
+
+def class_shares(mask: np.ndarray, class_names: Sequence[str] | None, palette: np.ndarray | None = None) -> list[tuple[tuple[int, int, int], str]]:
+    """Legend lines of a mask: per class present (not background), largest first, its colour and
+    `name  share%` of the frame's pixels."""
+    counts = np.bincount(np.asarray(mask, dtype=np.uint8).ravel(), minlength=256)
+    present = [int(c) for c in np.flatnonzero(counts) if c != 0]
+    present.sort(key=lambda c: (-counts[c], c))
+    total = max(1, int(mask.size))
+    return [(class_colour(c, palette), f"{class_name(c, class_names)}  {100.0 * counts[c] / total:.1f}%") for c in present]
+
+
+def sounding_text(sounding: Sequence[int] | None, class_names: Sequence[str] | None) -> str:
+    """"sounding (ground truth): a, b" / "silent (nothing sounds)" / "" when unknown."""
+    if sounding is None:
+        return ""
+    if not sounding:
+        return "sounding (ground truth): nothing (silent)"
+    return "sounding (ground truth): " + ", ".join(class_name(int(c), class_names) for c in sounding)
+
+
+def logmel_picture(logmel: np.ndarray | None, width: int, height: int) -> np.ndarray:
+    """uint8 RGB `[height, width, 3]`: a log-mel `[frames, mel_bins]` (dB) in the magma colour map
+    over `LOGMEL_DB_RANGE` (black at the -100 dB floor, e.g. the silent control), time left to
+    right, low mel bins at the bottom. Black when `logmel` is None."""
+    if logmel is None or np.asarray(logmel).size == 0:
+        return np.zeros((height, width, 3), dtype=np.uint8)
+    from matplotlib import colormaps
+
+    values = np.asarray(logmel, dtype=np.float32).reshape(-1, np.asarray(logmel).shape[-1])
+    low, high = LOGMEL_DB_RANGE
+    scaled = np.clip((values - low) / (high - low), 0.0, 1.0)
+    rgb = (colormaps["magma"](scaled.T[::-1])[..., :3] * 255.0).round().astype(np.uint8)  # [mel, frames, 3]
+    return np.asarray(Image.fromarray(rgb, mode="RGB").resize((width, height), Image.Resampling.NEAREST))
+
+
+def _score_text(score: float) -> str:
+    return "n/a" if not math.isfinite(score) else f"{score:.3f}"
+
+
+def frame_picture(
+    frame: FramePicture,
+    class_names: Sequence[str] | None = None,
+    audio_control: str = "none",
+    palette: np.ndarray | None = None,
+    rank: int | None = None,
+) -> np.ndarray:
+    """uint8 RGB `[H, W, 3]` of one frame, laid out as `frame_layout(S)` (see the module docstring).
+
+    Args:
+        frame: the frame at the model's input size S (with its log-mel and sounding classes when
+            known; the picture says so when they are not).
+        class_names: names of the task's classes by id (legend, sounding line).
+        audio_control: what the model heard (`none`, `shuffled`, `silent`): in the title.
+        rank: a number to put before the key (the contact sheet's order).
+    """
+    palette = voc_palette() if palette is None else palette
+    layout = frame_layout(frame.image.shape[0])
+    size = layout.panel
+    canvas = Image.new("RGB", (layout.width, layout.height), BACKGROUND)
+    prefix = f"{rank}. " if rank is not None else ""
+    title = f"{prefix}{frame.key}   frame IoU {_score_text(frame.score)}   audio: {audio_control}"
+    canvas.paste(_text_block(layout.width, TITLE_PX, [(None, title)]), (0, 0))
+    image = upscale_image(frame.image, size)
+    panels = [
+        image,
+        outlined_overlay(image, upscale_mask(frame.target, size), palette),
+        outlined_overlay(image, upscale_mask(frame.prediction, size), palette),
+    ]
+    info_height = INFO_LINES * LINE_PX
+    # Video ids can be long (YouTube id + times): on their own line, cut at the panel's edge.
+    where = [(None, f"video {frame.video}"), (None, f"frame {frame.frame}")] if frame.video is not None else []
+    infos = [
+        [(None, "image"), (None, f"{frame.image.shape[1]}x{frame.image.shape[0]} px model input"), *where],
+        [(None, "ground truth")] + (class_shares(frame.target, class_names, palette) or [(None, "background only")]),
+        [(None, "prediction")] + (class_shares(frame.prediction, class_names, palette) or [(None, "background only")]),
+    ]
+    for (x, y), panel, info in zip(layout.panels, panels, infos, strict=True):
+        canvas.paste(Image.fromarray(panel), (x, y))
+        canvas.paste(_text_block(size, info_height, info), (x, layout.info_y))
+    header = "log-mel the model was given" + ("" if audio_control == "none" else f" ({audio_control} control)")
+    heard = sounding_text(frame.sounding, class_names)
+    header_lines = [(None, f"{header}   |   {heard}" if heard else header)]
+    canvas.paste(_text_block(layout.width, AUDIO_HEADER_PX, header_lines), (0, layout.audio_y))
+    strip = logmel_picture(frame.logmel, layout.width, AUDIO_STRIP_PX)
+    canvas.paste(Image.fromarray(strip), (0, layout.audio_y + AUDIO_HEADER_PX))
+    return np.asarray(canvas)
+
+
 def sheet_size(count: int, image_size: int, columns: int) -> tuple[int, int]:
     """(width, height) in pixels of the contact sheet of `count` frames of `image_size` px."""
     columns = max(1, min(columns, count))
     rows = -(-count // columns)
-    cell_w, cell_h = 3 * image_size, image_size + CAPTION_PX
-    return columns * cell_w + (columns - 1) * SEPARATOR_PX, rows * cell_h + (rows - 1) * SEPARATOR_PX
+    layout = frame_layout(image_size)
+    return columns * layout.width + (columns - 1) * SEPARATOR_PX, rows * layout.height + (rows - 1) * SEPARATOR_PX
 
 
-def contact_sheet(frames: Sequence[FramePicture], columns: int = 2, palette: np.ndarray | None = None) -> np.ndarray:
-    """uint8 RGB grid of `triptych`s (row-major, in the given order), each under a caption
-    `rank. IoU x.xxx  key` (cut at the cell's width). Size: `sheet_size(len(frames), S, columns)`."""
+def contact_sheet(
+    frames: Sequence[FramePicture],
+    columns: int = 2,
+    palette: np.ndarray | None = None,
+    class_names: Sequence[str] | None = None,
+    audio_control: str = "none",
+) -> np.ndarray:
+    """uint8 RGB grid of `frame_picture`s (row-major, in the given order, numbered from 1).
+    Size: `sheet_size(len(frames), S, columns)`."""
     if not frames:
         raise ValueError("a contact sheet needs at least one frame")
     size = frames[0].image.shape[0]
+    layout = frame_layout(size)
     width, height = sheet_size(len(frames), size, columns)
     columns = max(1, min(columns, len(frames)))
-    sheet = Image.new("RGB", (width, height), (32, 32, 32))
+    sheet = Image.new("RGB", (width, height), (12, 12, 12))
     for index, frame in enumerate(frames):
         if frame.image.shape[:2] != (size, size):
             raise ValueError(f"frame {frame.key}: image {frame.image.shape[:2]}, others are {size} px")
         row, column = divmod(index, columns)
-        x = column * (3 * size + SEPARATOR_PX)
-        y = row * (size + CAPTION_PX + SEPARATOR_PX)
-        score = "n/a" if not np.isfinite(frame.score) else f"{frame.score:.3f}"
-        caption = Image.new("RGB", (3 * size, CAPTION_PX), (32, 32, 32))  # clips a long caption to its cell
-        ImageDraw.Draw(caption).text((2, 1), f"{index + 1}. IoU {score}  {frame.key}", fill=(240, 240, 240))
-        sheet.paste(caption, (x, y))
-        sheet.paste(Image.fromarray(triptych(frame, palette)), (x, y + CAPTION_PX))
+        picture = frame_picture(frame, class_names, audio_control, palette, rank=index + 1)
+        sheet.paste(Image.fromarray(picture), (column * (layout.width + SEPARATOR_PX), row * (layout.height + SEPARATOR_PX)))
     return np.asarray(sheet)
+
+
+def video_strip(
+    frames: Sequence[FramePicture],
+    title: str,
+    class_names: Sequence[str] | None = None,
+    audio_control: str = "none",
+    palette: np.ndarray | None = None,
+) -> np.ndarray:
+    """uint8 RGB picture of one video: its frames left to right (in the given order), a ground-truth
+    row and a prediction row (`STRIP_CELL_PX` square cells, each with the frame index and IoU), the
+    frames' log-mels side by side beneath (each under its frame), the sounding classes of each
+    frame under its second, and a legend of every class in the rows."""
+    if not frames:
+        raise ValueError("a video strip needs at least one frame")
+    palette = voc_palette() if palette is None else palette
+    cell = STRIP_CELL_PX
+    width = len(frames) * cell + (len(frames) - 1) * GAP_PX
+    present = sorted(
+        {int(c) for f in frames for m in (f.target, f.prediction) for c in np.unique(m) if c != 0}
+    )
+    legend_lines: list[tuple[tuple[int, int, int] | None, str]] = [
+        (class_colour(c, palette), class_name(c, class_names)) for c in present
+    ] or [(None, "background only")]
+    # Legend as a grid of columns of fixed width, as many rows as needed.
+    legend_column = 12 * FONT_PX
+    per_row = max(1, width // legend_column)
+    legend_rows = max(1, -(-len(legend_lines) // per_row))
+    row_label_px = LINE_PX
+    height = (
+        TITLE_PX
+        + 2 * (row_label_px + LINE_PX + cell)
+        + AUDIO_HEADER_PX + AUDIO_STRIP_PX + 2 * LINE_PX
+        + legend_rows * LINE_PX + GAP_PX
+    )
+    canvas = Image.new("RGB", (width, height), BACKGROUND)
+    canvas.paste(_text_block(width, TITLE_PX, [(None, f"{title}   audio: {audio_control}")]), (0, 0))
+    y = TITLE_PX
+    for row_name, masks in (("ground truth", [f.target for f in frames]), ("prediction", [f.prediction for f in frames])):
+        canvas.paste(_text_block(width, row_label_px, [(None, row_name)], fill=DIM_TEXT), (0, y))
+        y += row_label_px
+        for i, (frame, mask) in enumerate(zip(frames, masks, strict=True)):
+            x = i * (cell + GAP_PX)
+            label = f"frame {frame.frame if frame.frame is not None else i}   IoU {_score_text(frame.score)}"
+            canvas.paste(_text_block(cell, LINE_PX, [(None, label)]), (x, y))
+            image = upscale_image(frame.image, cell)
+            canvas.paste(Image.fromarray(outlined_overlay(image, upscale_mask(mask, cell), palette)), (x, y + LINE_PX))
+        y += LINE_PX + cell
+    header = "log-mel the model was given, one second per frame" + ("" if audio_control == "none" else f" ({audio_control} control)")
+    canvas.paste(_text_block(width, AUDIO_HEADER_PX, [(None, header)], fill=DIM_TEXT), (0, y))
+    y += AUDIO_HEADER_PX
+    for i, frame in enumerate(frames):
+        x = i * (cell + GAP_PX)
+        canvas.paste(Image.fromarray(logmel_picture(frame.logmel, cell, AUDIO_STRIP_PX)), (x, y))
+        names = [class_name(int(c), class_names) for c in frame.sounding] if frame.sounding is not None else None
+        heard = "?" if names is None else (", ".join(names) or "silent")
+        canvas.paste(_text_block(cell, 2 * LINE_PX, [(None, "sounding:"), (None, heard)]), (x, y + AUDIO_STRIP_PX))
+    y += AUDIO_STRIP_PX + 2 * LINE_PX
+    for index, (colour, name) in enumerate(legend_lines):
+        row, column = divmod(index, per_row)
+        canvas.paste(_text_block(legend_column, LINE_PX, [(colour, name)]), (column * legend_column, y + row * LINE_PX))
+    return np.asarray(canvas)

@@ -20,7 +20,6 @@ Layout of `--out DIR`:
 
 from __future__ import annotations
 
-import html
 import json
 import shutil
 import time
@@ -175,119 +174,59 @@ def run_demo(out: Path, plan: DemoPlan, config_path: str | Path = "demo", overwr
 
 def plot_losses(metrics_path: Path, png_path: Path) -> Path:
     """Training loss (and its parts) and validation mIoU against step, as a PNG."""
-    import matplotlib
+    from ddeseg.report import plot_training_curves
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    train_records = [r for r in records if "loss" in r and "split" not in r]
-    val_records = [r for r in records if r.get("split") == "val"]
-    figure, loss_axis = plt.subplots(figsize=(7, 3.6), dpi=110)
-    steps = [r["step"] for r in train_records]
-    loss_axis.plot(steps, [r["loss"] for r in train_records], label="loss", color="black")
-    for part in sorted({k for r in train_records for k in r if k.endswith("_loss")}):
-        loss_axis.plot(steps, [r.get(part, float("nan")) for r in train_records], label=part, linewidth=0.8)
-    loss_axis.set_xlabel("step")
-    loss_axis.set_ylabel("training loss")
-    loss_axis.legend(loc="upper left", fontsize=7)
-    if val_records:
-        miou_axis = loss_axis.twinx()
-        miou_axis.plot([r["step"] for r in val_records], [r["miou"] for r in val_records], "o-", color="tab:green", label="val mIoU")
-        miou_axis.set_ylabel("val mIoU")
-        miou_axis.set_ylim(0, 1)
-        miou_axis.legend(loc="upper right", fontsize=7)
-    figure.tight_layout()
-    figure.savefig(png_path)
-    plt.close(figure)
-    return png_path
+    return plot_training_curves(metrics_path, png_path)
 
 
-def _metric_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
-    rows = [("audio", "mIoU (DDESeg)", "F-score (DDESeg)", "mIoU (AVSBench)")]
+def _metric_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Header and one row per audio given to the model: normal, then each control."""
+    rows: list[tuple[str, ...]] = [("audio", "mIoU (DDESeg)", "F-score (DDESeg)", "mIoU (AVSBench)", "mIoU change")]
     entries = {"normal": report, **report["controls"]}
     for name, entry in entries.items():
-        rows.append(
-            (name, f"{entry['miou']:.4f}", f"{entry['fscore']:.4f}", f"{entry['avsbench_miou']:.4f}" if "avsbench_miou" in entry else "-")
-        )
+        change = "–" if name == "normal" else f"{entry['miou'] - report['miou']:+.4f}"
+        rows.append((name, _fmt(entry["miou"]), _fmt(entry["fscore"]), _fmt(entry.get("avsbench_miou")), change))
     return rows
 
 
 def write_report(out: Path, report: dict[str, Any]) -> None:
-    """`report.md` and `report.html` (self-contained apart from the PNGs beside them)."""
+    """`report.md` and `report.html` from the same data (`ddeseg.report`), with `loss.png` and
+    `pictures/` beside them: the folder can be copied whole."""
+    from ddeseg.report import Figure, Report, Section, Table, evaluation_sections, overall_table
+    from ddeseg.report import write_report as write_pages
+
     plot_losses(out / "run" / "metrics.jsonl", out / "loss.png")
     pictures_dir = out / "pictures"
     shutil.rmtree(pictures_dir, ignore_errors=True)
     source = out / "eval" / "none" / "pictures"
-    pictures = []
     if source.is_dir():
-        shutil.copytree(source, pictures_dir)
-        pictures = sorted(p.relative_to(out).as_posix() for p in pictures_dir.glob("*.png"))
+        shutil.copytree(source, pictures_dir)  # same relative paths as in eval/none/eval.json
     demo = report["demo"]
-    drop = {c: report["miou"] - report["controls"][c]["miou"] for c in CONTROLS}
-    # eval.json keys per-class entries by class name, each with its task class `id`.
-    per_class = sorted(report.get("per_class", {}).items(), key=lambda item: item[1].get("id", 0))
-    timing_text = ", ".join(f"{k} {v:.0f}s" for k, v in demo["timings_s"].items())
     audio = demo["audio_classifier"]
-
     rows = _metric_rows(report)
-    md = [
-        "# ddeseg demo report",
-        "",
-        f"Synthetic v2-style set: {demo['plan']['videos']} videos, {demo['plan']['classes']} classes; "
-        f"DDESeg ({'configs/demo.yaml'}) trained {demo['train']['steps']} steps; test split, best checkpoint chosen on val.",
-        "",
-        "| " + " | ".join(rows[0]) + " |",
-        "|" + "---|" * len(rows[0]),
-        *("| " + " | ".join(row) + " |" for row in rows[1:]),
-        "",
-        f"Audio reliance: shuffling the audio costs {drop['shuffled']:.4f} mIoU, silence costs {drop['silent']:.4f}.",
-        f"Audio classifier (pretrain-audio, {audio['split']}): single-source top-1 {audio['single_source_top1']:.3f}, micro-F1 {audio['micro_f1']:.3f}.",
-        f"Time: {timing_text}.",
-        "",
-        "## Per class (DDESeg protocol)",
-        "",
-        "| class | IoU | F-score |",
-        "|---|---|---|",
-        *(
-            f"| {entry.get('name', cid)} | {_fmt(entry.get('iou'))} | {_fmt(entry.get('fscore'))} |"
-            for cid, entry in per_class
-        ),
-        "",
-        "## Training",
-        "",
-        "![loss](loss.png)",
-        "",
-        "## Pictures (image | ground truth | prediction)",
-        "",
-        *(f"![{Path(p).stem}]({p})" for p in pictures),
-        "",
+    controls = Table(
+        "The test frames with their own audio (normal) and with other audio (controls)",
+        list(rows[0]),
+        [list(row) for row in rows[1:]],
+        note="shuffled: each frame hears another frame's second of audio; silent: the log-mel of silence. "
+        "The drop from normal is how much the model relies on what it hears.",
+    )
+    timing_text = ", ".join(f"{k} {v:.0f} s" for k, v in demo["timings_s"].items())
+    intro = [
+        f"Synthetic v2-style set: {demo['plan']['videos']} videos, {demo['plan']['classes']} sounding classes; "
+        f"DDESeg (configs/demo.yaml) trained {demo['train']['steps']} steps; scored on the test split with the "
+        "checkpoint chosen on val.",
+        f"Audio classifier (pretrain-audio, {audio['split']}): single-source top-1 {audio['single_source_top1']:.3f}, "
+        f"micro-F1 {audio['micro_f1']:.3f}. Time: {timing_text}.",
     ]
-    (out / "report.md").write_text("\n".join(md))
-
-    def table(rows_: list[tuple[str, ...]]) -> str:
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in rows_[0])
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows_[1:])
-        return f"<table><tr>{head}</tr>{body}</table>"
-
-    class_rows = [("class", "IoU", "F-score")] + [
-        (str(entry.get("name", cid)), _fmt(entry.get("iou")), _fmt(entry.get("fscore"))) for cid, entry in per_class
-    ]
-    page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>ddeseg demo report</title>
-<style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}img{{max-width:100%}}</style></head>
-<body><h1>ddeseg demo report</h1>
-<p>{html.escape(md[2])}</p>
-{table(rows)}
-<p>{html.escape(md[8])}<br>{html.escape(md[9])}<br>{html.escape(md[10])}</p>
-<h2>Per class (DDESeg protocol)</h2>{table(class_rows)}
-<h2>Training</h2><img src="loss.png" alt="training loss">
-<h2>Pictures (image | ground truth | prediction)</h2>
-{''.join(f'<p><img src="{html.escape(p)}" alt="{html.escape(p)}"></p>' for p in pictures)}
-</body></html>
-"""
-    (out / "report.html").write_text(page)
+    sections = evaluation_sections(report)
+    training = Section(
+        "Training",
+        ["Training loss (and its parts) and the validation mIoU of each checkpoint evaluation."],
+        figures=[Figure("loss.png", "training loss and val mIoU against step")],
+    )
+    sections = [Section("Audio controls", tables=[controls, overall_table(report)]), training, *sections]
+    write_pages(Report("ddeseg demo report", intro, sections), out, "report")
 
 
 def _fmt(value: Any) -> str:

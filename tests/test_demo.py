@@ -9,6 +9,7 @@ import math
 from PIL import Image
 
 from ddeseg.pipelines.demo import DemoPlan, run_demo
+from ddeseg.visualize import frame_layout
 
 
 def _all_background_miou(per_class: dict) -> float:
@@ -43,5 +44,6 @@ def test_demo_runs_every_stage_and_reports(tmp_path, micro_config_overrides):
     pictures = sorted((out / "pictures").glob("sample-*.png"))
     assert pictures and all(p.as_posix().split("/demo/")[1] in html for p in pictures)
     with Image.open(pictures[0]) as picture:
-        assert picture.size == (3 * 32, 32)  # image | ground truth | prediction at data.image_size
+        layout = frame_layout(32)  # image | ground truth | prediction, each upscaled to 256 px, audio below
+        assert picture.size == (layout.width, layout.height) and layout.panel == 256
     assert set(on_disk["demo"]["timings_s"]) >= {"synth", "prepare", "pretrain-audio", "build-memory-bank", "train", "evaluate"}

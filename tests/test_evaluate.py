@@ -39,11 +39,12 @@ from ddeseg.errors import DDESegError
 from ddeseg.metrics import AVSBenchBinaryMeter, SegmentationMeter, foreground_logits, predicted_labels
 from ddeseg.models import build_model
 from ddeseg.visualize import (
-    CAPTION_PX,
     FramePicture,
     colorize,
     contact_sheet,
     denormalize_images,
+    frame_layout,
+    frame_picture,
     overlay,
     sheet_size,
     triptych,
@@ -228,8 +229,9 @@ def test_triptych_and_contact_sheet_sizes():
     assert np.array_equal(triptych(frames[0])[:, :SIZE], frames[0].image)
     sheet = contact_sheet(frames, columns=2)
     width, height = sheet_size(3, SIZE, 2)
-    assert sheet.shape == (height, width, 3) and width == 2 * 3 * SIZE + 2 and height == 2 * (SIZE + CAPTION_PX) + 2
-    assert np.array_equal(sheet[CAPTION_PX : CAPTION_PX + SIZE, : 3 * SIZE], triptych(frames[0]))
+    cell = frame_layout(SIZE)  # each cell is one frame picture, numbered from 1
+    assert sheet.shape == (height, width, 3) and width == 2 * cell.width + 2 and height == 2 * cell.height + 2
+    assert np.array_equal(sheet[: cell.height, : cell.width], frame_picture(frames[0], rank=1))
 
 
 def test_picture_collector_keeps_hash_spread_samples_and_worst_scores():
@@ -413,7 +415,7 @@ def test_cli_writes_metrics_tables_and_pictures_deterministically(shards, checkp
                         key=lambda k: (zlib.crc32(k.encode()), k))[:3]
     assert [p.name for p in samples] == [f"sample-{i:03d}-{k}.png" for i, k in enumerate(first_keys)]
     for path in samples:
-        assert Image.open(path).size == (3 * SIZE, SIZE)
+        assert Image.open(path).size == (frame_layout(SIZE).width, frame_layout(SIZE).height)
     assert Image.open(outs[0] / "pictures" / "worst-frames.png").size == sheet_size(4, SIZE, 2)
     assert len(report["worst_frames"]) == 4
     assert [w["iou"] for w in report["worst_frames"]] == sorted(w["iou"] for w in report["worst_frames"])

@@ -15,7 +15,7 @@ from ddeseg.cli.app import app
 from ddeseg.config import load_config
 from ddeseg.distributed import DistributedContext
 from ddeseg.engine.train import TrainRequest, train
-from ddeseg.visualize import sheet_size
+from ddeseg.visualize import frame_layout, sheet_size
 
 STEPS = 4
 
@@ -61,6 +61,6 @@ def test_test_split_metrics_and_pictures(trained_run, prepared_synthetic, tmp_pa
     assert list(report["per_class"]) == names
     size = load_training_checkpoint(trained_run / "last.pt")["config"]["data"]["image_size"]
     samples = sorted((out / "pictures").glob("sample-*.png"))
-    assert len(samples) == 2 and all(Image.open(p).size == (3 * size, size) for p in samples)
+    assert len(samples) == 2 and all(Image.open(p).size == (frame_layout(size).width, frame_layout(size).height) for p in samples)
     assert Image.open(out / "pictures" / "worst-frames.png").size == sheet_size(3, size, 2)
     assert (out / "eval.md").read_text().startswith("# Evaluation: v2 / test")

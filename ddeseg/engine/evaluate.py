@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import sys
 import zlib
@@ -52,10 +53,20 @@ from ddeseg.distributed import DistributedContext, barrier
 from ddeseg.errors import DDESegError
 from ddeseg.inference import load_for_inference, require_bank_classes, require_output_folder
 from ddeseg.metrics import AVSBenchBinaryMeter, SegmentationMeter, foreground_logits, predicted_labels
-from ddeseg.visualize import FramePicture, contact_sheet, denormalize_images, picture_name, save_png, triptych
+from ddeseg.visualize import (
+    FramePicture,
+    contact_sheet,
+    denormalize_images,
+    frame_picture,
+    picture_name,
+    save_png,
+    video_strip,
+)
 
 AUDIO_CONTROLS = ("none", "shuffled", "silent")
-EVAL_JSON, EVAL_MD, PICTURES_DIR, WORST_SHEET = "eval.json", "eval.md", "pictures", "worst-frames.png"
+EVAL_JSON, EVAL_MD, EVAL_HTML = "eval.json", "eval.md", "eval.html"
+PICTURES_DIR, WORST_SHEET = "pictures", "worst-frames.png"
+STRIP_VIDEOS = 12  # videos kept for the best / median / worst video strips
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,18 +164,28 @@ class AudioControl:
 
 @dataclass
 class PictureCollector:
-    """Keeps the frames to draw: `samples` frames spread over the split (by a hash of the key), and the `worst`
-    frames by their mean IoU (`SegmentationMeter.update`'s per-frame score; ties by key; frames
-    without a score are never "worst"). The choice does not depend on the number of ranks.
+    """Keeps the frames to draw: `samples` frames spread over the split (by a hash of the key), the
+    `worst` frames by their mean IoU (`SegmentationMeter.update`'s per-frame score; ties by key;
+    frames without a score are never "worst"), and every frame of `videos` videos (default `STRIP_VIDEOS`, none when
+    `samples` is 0) spread over the split (by a hash of the video id), from which `video_strips` picks the best, median and worst
+    video by video IoU (the mean of its frames' IoUs). The choice does not depend on the number of
+    ranks: a video among the `videos` smallest hashes of the whole split is among the smallest of
+    every rank that sees it, so each rank keeps its frames of it.
 
     `evaluate_model` calls `add` per batch and `gather` at the end, after which every rank holds
-    the final selection in `sample_frames()` and `worst_frames()`.
+    the final selection in `sample_frames()`, `worst_frames()` and `video_strips()`.
     """
 
     samples: int = 16
     worst: int = 16
+    videos: int | None = None  # default: STRIP_VIDEOS when samples are drawn, else none
     _samples: dict[str, FramePicture] = field(default_factory=dict)
     _worst: dict[str, FramePicture] = field(default_factory=dict)
+    _videos: dict[str, dict[str, FramePicture]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.videos is None:
+            self.videos = STRIP_VIDEOS if self.samples > 0 else 0
 
     def add(
         self,
@@ -173,36 +194,64 @@ class PictureCollector:
         targets: torch.Tensor,
         predictions: torch.Tensor,
         scores: torch.Tensor,
+        *,
+        logmels: torch.Tensor | None = None,
+        sounding: Sequence[Sequence[int]] | None = None,
+        videos: Sequence[str] | None = None,
+        frames: torch.Tensor | Sequence[int] | None = None,
     ) -> None:
-        """One batch: normalised images `[B, 3, S, S]`, targets and predicted ids `[B, S, S]`, scores `[B]`."""
-        if self.samples <= 0 and self.worst <= 0:
+        """One batch: normalised images `[B, 3, S, S]`, targets and predicted ids `[B, S, S]`, scores `[B]`;
+        optionally the log-mels the model was given `[B, 1, T, M]`, the task ids sounding in each
+        frame (the loader's `classes`), and each frame's video id and index (the loader's `video`,
+        `frame`; without them no video strip is kept)."""
+        if self.samples <= 0 and self.worst <= 0 and self.videos <= 0:
             return
         scores_list = [float(s) for s in scores.detach().cpu().tolist()]
+        frame_list = [int(f) for f in (frames.tolist() if torch.is_tensor(frames) else frames)] if frames is not None else None
         sample_keys = set(self._select_samples({**dict.fromkeys(self._samples), **dict.fromkeys(keys)}))
         worst_candidates = dict(self._worst)
         for key, score in zip(keys, scores_list, strict=True):
             if math.isfinite(score):
                 worst_candidates[key] = score  # type: ignore[assignment]
         worst_keys = set(self._select_worst(worst_candidates))
-        wanted = [i for i, key in enumerate(keys) if key in sample_keys or key in worst_keys]
+        video_ids = set(self._select_videos({*self._videos, *(videos or ())})) if videos is not None and frame_list is not None else set()
+        in_video = [videos is not None and str(videos[i]) in video_ids for i in range(len(keys))]
+        wanted = [i for i, key in enumerate(keys) if key in sample_keys or key in worst_keys or in_video[i]]
         if wanted:
             index = torch.tensor(wanted)
             pixels = denormalize_images(images.detach()[index.to(images.device)])
             target_ids = targets.detach()[index.to(targets.device)].cpu().numpy().astype(np.uint8)
             predicted_ids = predictions.detach()[index.to(predictions.device)].cpu().numpy().astype(np.uint8)
+            audio = None
+            if logmels is not None:
+                chosen = logmels.detach()[index.to(logmels.device)].float().cpu().numpy()
+                audio = chosen.reshape(len(wanted), -1, chosen.shape[-1])  # [n, T, M]
             for j, i in enumerate(wanted):
-                frame = FramePicture(keys[i], pixels[j], target_ids[j], predicted_ids[j], scores_list[i])
+                frame = FramePicture(
+                    keys[i], pixels[j], target_ids[j], predicted_ids[j], scores_list[i],
+                    logmel=None if audio is None else audio[j],
+                    sounding=None if sounding is None else tuple(int(c) for c in sounding[i]),
+                    video=None if videos is None else str(videos[i]),
+                    frame=None if frame_list is None else frame_list[i],
+                )
                 if keys[i] in sample_keys:
                     self._samples[keys[i]] = frame
                 if keys[i] in worst_keys:
                     self._worst[keys[i]] = frame
+                if in_video[i]:
+                    self._videos.setdefault(str(videos[i]), {})[keys[i]] = frame  # type: ignore[index]
         self._samples = {k: v for k, v in self._samples.items() if k in sample_keys}
         self._worst = {k: v for k, v in self._worst.items() if k in worst_keys}
+        if video_ids:
+            self._videos = {v: f for v, f in self._videos.items() if v in video_ids}
 
     def _select_samples(self, keys: dict[str, Any]) -> list[str]:
         # Ordered by a hash of the key, not the key itself, so the samples spread over videos
         # instead of being the first frames of the first video; still independent of ranks.
         return sorted(keys, key=lambda key: (zlib.crc32(key.encode()), key))[: max(0, self.samples)]
+
+    def _select_videos(self, videos: Iterable[str]) -> list[str]:
+        return sorted(videos, key=lambda video: (zlib.crc32(video.encode()), video))[: max(0, self.videos)]
 
     def _select_worst(self, candidates: dict[str, Any]) -> list[str]:
         def score(key: str) -> float:
@@ -216,14 +265,19 @@ class PictureCollector:
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1):
             return self
         gathered: list[Any] = [None] * dist.get_world_size(group)
-        dist.all_gather_object(gathered, (list(self._samples.values()), list(self._worst.values())), group=group)
+        mine = (list(self._samples.values()), list(self._worst.values()), [f for v in self._videos.values() for f in v.values()])
+        dist.all_gather_object(gathered, mine, group=group)
         samples: dict[str, FramePicture] = {}
         worst: dict[str, FramePicture] = {}
-        for rank_samples, rank_worst in gathered:
+        videos: dict[str, dict[str, FramePicture]] = {}
+        for rank_samples, rank_worst, rank_videos in gathered:
             samples.update({frame.key: frame for frame in rank_samples})
             worst.update({frame.key: frame for frame in rank_worst})
+            for frame in rank_videos:
+                videos.setdefault(str(frame.video), {})[frame.key] = frame
         self._samples = {k: samples[k] for k in self._select_samples(samples)}
         self._worst = {k: worst[k] for k in self._select_worst(worst)}
+        self._videos = {v: videos[v] for v in self._select_videos(videos)}
         return self
 
     def sample_frames(self) -> list[FramePicture]:
@@ -231,6 +285,28 @@ class PictureCollector:
 
     def worst_frames(self) -> list[FramePicture]:
         return [self._worst[k] for k in self._select_worst(self._worst)]
+
+    def video_strips(self) -> list[tuple[str, str, float, list[FramePicture]]]:
+        """`(label, video, video IoU, frames by index)` for the best, median and worst kept video
+        with at least two frames and a score (fewer when fewer such videos were kept; a video is
+        listed once). Video IoU: the mean IoU of its scored frames; ties by video id."""
+        scored = []
+        for video, frames in self._videos.items():
+            ordered = sorted(frames.values(), key=lambda f: (f.frame if f.frame is not None else 0, f.key))
+            values = [f.score for f in ordered if math.isfinite(f.score)]
+            if len(ordered) >= 2 and values:
+                scored.append((sum(values) / len(values), video, ordered))
+        scored.sort(key=lambda item: (-item[0], item[1]))  # best first
+        if not scored:
+            return []
+        picks = {"best": 0, "median": (len(scored) - 1) // 2, "worst": len(scored) - 1}
+        strips, seen = [], set()
+        for label, position in picks.items():
+            if position not in seen:
+                seen.add(position)
+                score, video, ordered = scored[position]
+                strips.append((label, video, score, ordered))
+        return strips
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,7 +416,10 @@ def evaluate_model(
                     videos, frames = video_frame_ids(batch)
                     binary_meter.update(foreground_logits(logits), target, videos, frames)
                 if pictures is not None:
-                    pictures.add(list(batch["key"]), batch["image"], target, labels, scores)
+                    pictures.add(
+                        list(batch["key"]), batch["image"], target, labels, scores, logmels=audio,
+                        sounding=batch.get("classes"), videos=batch.get("video"), frames=batch.get("frame"),
+                    )
                 if progress is not None:
                     bar, task_id = progress
                     bar.advance(task_id, len(batch["key"]) * context.world_size)
@@ -484,6 +563,7 @@ def run_evaluation(request: EvaluateRequest, context: DistributedContext) -> dic
         "avsbench_fscore": result["avsbench_fscore"],
         "avsbench_protocol": result["avsbench_protocol"],
         "per_class": {entry["name"]: {"id": k, **_plain(entry, drop=("name",))} for k, entry in result["per_class"].items()},
+        "confusion": result.get("confusion"),  # [GT][predicted] pixels; write_outputs summarises it
         "task": task,
         "split": split,
         "binary": result["binary"],
@@ -545,21 +625,43 @@ def _plain(entry: dict[str, Any], drop: Sequence[str] = ()) -> dict[str, Any]:
 
 
 def write_outputs(report: dict[str, Any], collector: PictureCollector, out_dir: Path, class_names: Sequence[str]) -> None:
-    """`eval.json`, `eval.md` and `pictures/` (replaced whole, so no stale picture stays)."""
+    """`eval.json`, `eval.md`, `eval.html` and `pictures/` (replaced whole, so no stale picture
+    stays). Adds to `report` what was drawn (`pictures`, `samples`, `video_strips`,
+    `worst_frames`) and turns a `confusion` matrix into its per-class summary."""
+    from ddeseg.report import confusion_summary, evaluation_report, render_html, write_text
+
     out_dir.mkdir(parents=True, exist_ok=True)
     pictures_dir = out_dir / PICTURES_DIR
     if pictures_dir.exists():
         shutil.rmtree(pictures_dir)
-    written: list[str] = []
+    control = str(report.get("audio_control", "none"))
+    samples = []
     for i, frame in enumerate(collector.sample_frames()):
-        written.append(save_png(triptych(frame), pictures_dir / picture_name(i, frame.key)).name)
+        name = save_png(frame_picture(frame, class_names, control), pictures_dir / picture_name(i, frame.key)).name
+        samples.append({"key": frame.key, "iou": _finite(frame.score), "picture": f"{PICTURES_DIR}/{name}"})
+    strips = []
+    for label, video, score, frames in collector.video_strips():
+        picture = video_strip(frames, f"{label} video {video}: video IoU {score:.3f}", class_names, control)
+        name = save_png(picture, pictures_dir / f"video-{label}-{re.sub(r'[^A-Za-z0-9_-]', '_', video)}.png").name
+        strips.append({"label": label, "video": video, "iou": score, "frames": len(frames), "picture": f"{PICTURES_DIR}/{name}"})
     worst = collector.worst_frames()
+    written = [s["picture"] for s in samples] + [s["picture"] for s in strips]
     if worst:
-        written.append(save_png(contact_sheet(worst), pictures_dir / WORST_SHEET).name)
-    report["pictures"] = [f"{PICTURES_DIR}/{name}" for name in written]
+        sheet = contact_sheet(worst, class_names=class_names, audio_control=control)
+        written.append(f"{PICTURES_DIR}/{save_png(sheet, pictures_dir / WORST_SHEET).name}")
+    report["pictures"] = written
+    report["samples"] = samples
+    report["video_strips"] = strips
     report["worst_frames"] = [{"key": f.key, "iou": f.score} for f in worst]
-    _write_text(out_dir / EVAL_JSON, json.dumps(report, indent=1, sort_keys=False, allow_nan=False, default=_json_default) + "\n")
-    _write_text(out_dir / EVAL_MD, markdown_report(report))
+    if isinstance(report.get("confusion"), list):
+        report["confusion"] = confusion_summary(report["confusion"], class_names)
+    write_text(out_dir / EVAL_JSON, json.dumps(report, indent=1, sort_keys=False, allow_nan=False, default=_json_default) + "\n")
+    write_text(out_dir / EVAL_MD, markdown_report(report))
+    write_text(out_dir / EVAL_HTML, render_html(evaluation_report(report)))
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def _json_default(value: Any) -> Any:
@@ -568,68 +670,36 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def _write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    temporary.replace(path)
-
-
-def _fmt(value: Any, digits: int = 4) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
-
-
 def markdown_report(report: dict[str, Any]) -> str:
-    """The eval.md text: settings, overall scores of both protocols, per-class table, pictures."""
-    counts = report["counts"]
-    lines = [
-        f"# Evaluation: {report['task']} / {report['split']}",
-        "",
-        f"- checkpoint: `{report['checkpoint']}` ({report['checkpoint_format']}, step {report['checkpoint_step']})",
-        f"- memory bank: {report['memory_bank']}",
-        f"- audio control: **{report['audio_control']}**",
-        f"- frames: {counts['frames']} (manifest: {counts['frames_in_manifest']}, skipped: {counts['skipped_samples']}),"
-        f" classes evaluated: {counts['classes_evaluated']} of {report['num_classes']}",
-        "",
-        "| protocol | mIoU | F-score (beta^2 = 0.3) | F1 |",
-        "|---|---|---|---|",
-        f"| DDESeg (split-accumulated) | {_fmt(report['miou'])} | {_fmt(report['fscore'])} | {_fmt(report['f1'])} |",
-        f"| {report['avsbench_protocol']} | {_fmt(report['avsbench_miou'])} | {_fmt(report['avsbench_fscore'])} | – |",
-        "",
-        "## Per class (DDESeg protocol; – : class in neither ground truth nor prediction)",
-        "",
-        "| id | class | IoU | F-score | F1 | precision | recall | GT pixels | predicted pixels |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, entry in report["per_class"].items():
-        lines.append(
-            f"| {entry['id']} | {name} | {_fmt(entry['iou'])} | {_fmt(entry['fscore'])} | {_fmt(entry['f1'])} |"
-            f" {_fmt(entry['precision'])} | {_fmt(entry['recall'])} | {entry['target_pixels']} | {entry['predicted_pixels']} |"
-        )
-    if report.get("pictures"):
-        lines += ["", "## Pictures (image | ground truth | prediction)", ""]
-        lines += [f"- [{path}]({path})" for path in report["pictures"]]
-    if report.get("worst_frames"):
-        lines += ["", "## Worst frames (mean IoU over the classes in the frame)", ""]
-        lines += [f"{i + 1}. `{w['key']}`: {_fmt(w['iou'], 3)}" for i, w in enumerate(report["worst_frames"])]
-    return "\n".join(lines) + "\n"
+    """The eval.md text: settings, both protocols' scores, per class, confusion summary, pictures
+    (the same content as eval.html; `ddeseg.report.evaluation_report`)."""
+    from ddeseg.report import evaluation_report, render_markdown
+
+    return render_markdown(evaluation_report(report))
 
 
 def print_report(report: dict[str, Any], console: Any) -> None:
-    """Rich tables of the overall and per-class scores."""
+    """Rich tables of the overall and per-class scores, and where the report folder is."""
     from rich.table import Table
+
+    from ddeseg.report import fmt
 
     overall = Table(title=f"{report['task']} / {report['split']}  (audio: {report['audio_control']}, {report['counts']['frames']} frames)")
     for column in ("protocol", "mIoU", "F-score", "F1"):
         overall.add_column(column, justify="left" if column == "protocol" else "right")
-    overall.add_row("DDESeg", _fmt(report["miou"]), _fmt(report["fscore"]), _fmt(report["f1"]))
-    overall.add_row(report["avsbench_protocol"], _fmt(report["avsbench_miou"]), _fmt(report["avsbench_fscore"]), "–")
+    overall.add_row("DDESeg", fmt(report["miou"]), fmt(report["fscore"]), fmt(report["f1"]))
+    overall.add_row(report["avsbench_protocol"], fmt(report["avsbench_miou"]), fmt(report["avsbench_fscore"]), "–")
     console.print(overall)
     per_class = Table(title="per class (DDESeg protocol)")
-    for column in ("id", "class", "IoU", "F-score", "F1", "GT px", "pred px"):
-        per_class.add_column(column, justify="left" if column == "class" else "right")
+    # No F1 column here (eval.md has it): the table must stay readable in an 80-column terminal.
+    for column in ("id", "class", "IoU", "F-score", "GT px", "pred px", "GT frames", "most painted instead"):
+        per_class.add_column(column, justify="left" if column in ("class", "most painted instead") else "right")
+    confusion = report.get("confusion") if isinstance(report.get("confusion"), dict) else {}
     for name, entry in report["per_class"].items():
+        instead = next(iter(confusion.get(name, {}).items()), None)
         per_class.add_row(
-            str(entry["id"]), name, _fmt(entry["iou"]), _fmt(entry["fscore"]), _fmt(entry["f1"]),
-            str(entry["target_pixels"]), str(entry["predicted_pixels"]),
+            str(entry["id"]), name, fmt(entry["iou"]), fmt(entry["fscore"]),
+            str(entry["target_pixels"]), str(entry["predicted_pixels"]), str(entry.get("target_frames", "–")),
+            f"{instead[0]} ({instead[1]} px)" if instead else "",
         )
     console.print(per_class)

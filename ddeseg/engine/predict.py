@@ -38,7 +38,7 @@ from ddeseg.config import Config
 from ddeseg.errors import DDESegError
 from ddeseg.fileio import building_directory
 from ddeseg.inference import InferenceModel, load_for_inference, require_output_folder, resolve_class_names
-from ddeseg.predict import MASKS_DIR, OVERLAYS_DIR, frame_name, overlay_with_legend, predict_video
+from ddeseg.predict import MASKS_DIR, OVERLAYS_DIR, frame_name, predict_video
 from ddeseg.video import (
     OverlayVideoWriter,
     VideoError,
@@ -47,7 +47,7 @@ from ddeseg.video import (
     first_video_time,
     probe_video,
 )
-from ddeseg.visualize import voc_palette
+from ddeseg.visualize import overlay_with_legend, voc_palette
 
 PREDICTIONS_VERSION = 1
 PREDICTIONS_FILE, OVERLAY_VIDEO = "predictions.json", "overlay.mp4"
