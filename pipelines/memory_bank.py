@@ -731,6 +731,8 @@ def build_memory_bank(
         )
     if missing_fill not in MISSING_FILLS:
         raise DDESegError(f"missing fill {missing_fill!r}: expected one of {MISSING_FILLS}")
+    if out_dir.exists() and not out_dir.is_dir():  # before the embedding pass, not after it
+        raise DDESegError(f"--out {out_dir} exists and is not a directory; give a folder path")
     classes_doc = _read_classes(shards_dir)
     names: list[str] = list(classes_doc["names"])
     bank_ids = bank_class_ids(classes_doc, task)
