@@ -3,8 +3,10 @@ loaders read them (AVSBench `avs_scripts/*`, DDESeg `dataload/*`, CAVP `dataset/
 
 from __future__ import annotations
 
+import ast
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -336,12 +338,19 @@ def test_ddeseg_tables_match_files(datasets):
     # VPO part (data_load_aug_vpo.py): uid, frame, mask at 0..2; split and type by name
     header, rows = read_csv_rows(root / "VPO_Clean/vpo_data_clean.csv")
     vpo_boxes = json.loads((root / "VPO_Clean/vpo_bbox_orisize.json").read_text())
-    assert header[3:] == ["split", "type"]
-    for uid, frame, mask, _split, _task in rows:
+    # the released 6-column form: uid `{type}/{id}`, frame, mask, category list, split, type
+    assert header == ["uid", "frame", "mask", "category", "split", "type"]
+    vpo_videos = {v["video"]: v for v in meta["videos"] if v["task"].startswith("VPO")}
+    for uid, frame, mask, categories, _split, task in rows:
         expected |= {f"VPO_Clean/{uid}/frames/{frame}", f"VPO_Clean/{uid}/labels_semantic/{mask}",
                      f"VPO_Clean/{uid}/mono_audio.wav", f"VPO_Clean/{uid}/stereo_audio.wav"}
         assert f"{uid}/labels_semantic/{mask}" in vpo_boxes
-    assert {(r[0], r[4]) for r in rows} == {(v["video"], v["task"]) for v in meta["videos"] if v["task"].startswith("VPO")}
+        assert uid.split("/")[0] == task
+        assert not uid.isdigit() and not uid.lstrip("-+").replace(".", "", 1).isdigit()  # pandas keeps a str
+        # the category list: a Python list literal of the VPO ids of the sounding classes
+        assert ast.literal_eval(categories) == vpo_videos[uid.rsplit("/", 1)[-1]]["frames"][0]["sounding_classes"]
+        assert re.fullmatch(r"\[\d+(, \d+)*\]|\[\]", categories)
+    assert {(r[0].rsplit("/", 1)[-1], r[5]) for r in rows} == {(v, info["task"]) for v, info in vpo_videos.items()}
     on_disk = all_files(root)
     # v1s train frames 1..4 have an image and a second of audio but no mask and no csv row.
     extra = meta_files(meta) - expected
