@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import pickle
+from typing import Any
 
 import numpy as np
 
@@ -83,10 +84,22 @@ def avsbench_examples(wave: np.ndarray, examples: int = AVSBENCH_EXAMPLES) -> np
     return np.stack(blocks)[:, None].astype(np.float32)
 
 
-def pickled_tensor(array: np.ndarray) -> bytes:
-    """A plain `pickle.dump` of `array` as a torch tensor (the release's `.pkl` form)."""
-    import torch
+class _TensorFromArray:
+    """Pickles as `torch.from_numpy(array)`: `pickle.load` gives the float32 tensor the release
+    holds, and the bytes depend only on the values (a pickled torch tensor carries torch's
+    random serialization id, so the same dataset would not give the same bytes)."""
 
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+    def __reduce__(self) -> tuple[Any, tuple[np.ndarray]]:
+        import torch
+
+        return torch.from_numpy, (self.array,)
+
+
+def pickled_tensor(array: np.ndarray) -> bytes:
+    """A pickle that loads as `array` made a torch tensor (the release's `.pkl` form)."""
     buffer = io.BytesIO()
-    pickle.dump(torch.from_numpy(np.ascontiguousarray(array)), buffer)
+    pickle.dump(_TensorFromArray(np.ascontiguousarray(array)), buffer, protocol=4)
     return buffer.getvalue()
