@@ -146,7 +146,6 @@ class EarlierRun:
     rows: list[dict[str, Any]]  # their manifest rows
     rejects: list[Reject]  # their keyed rejects
     names: list[str]  # the class list of its classes.json
-    tasks: list[str]  # every task it recorded
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,7 +301,7 @@ def _read_earlier_run(out: Path, tasks: list[str]) -> EarlierRun | None:
         rows.append(dict(row, class_boxes={str(k): v for k, v in (boxes.items() if isinstance(boxes, dict) else boxes)}))
     try:
         classes = json.loads((out / schema.CLASSES_FILE).read_text())
-        names, recorded_tasks = list(classes["names"]), list(classes["tasks"])
+        names = list(classes["names"])
     except (OSError, ValueError, KeyError, TypeError) as error:
         if not rows:
             return None
@@ -316,7 +315,7 @@ def _read_earlier_run(out: Path, tasks: list[str]) -> EarlierRun | None:
                 rejects.append(Reject(recorded["path"], recorded["reason"], key))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         rejects = []  # a lost rejects list loses no sample: the shards and rows stay
-    return EarlierRun(rows=rows, rejects=rejects, names=names, tasks=recorded_tasks)
+    return EarlierRun(rows=rows, rejects=rejects, names=names)
 
 
 def _check_earlier_run(
@@ -527,12 +526,12 @@ def prepare(options: PrepareOptions, config: Config | None = None) -> PrepareRes
     source = open_source(options.layout, options.root, options.tasks, config, options.source_options)
     if out.resolve() == source.root or source.root.is_relative_to(out.resolve()):
         raise DataError(f"output {out} must not contain the dataset root {source.root}")
-    from ddeseg.pipelines.logmel import LogMelBatcher, prepare_frontend  # torch: main process only
+    from ddeseg.pipelines.logmel import prepare_frontend  # torch: main process only
 
     frontend, frontend_entry = prepare_frontend(config.model.frontend, options.audio_checkpoint)
     created = not out.exists()
     try:
-        return _run(options, config, source, out, frontend, frontend_entry, LogMelBatcher, started)
+        return _run(options, config, source, out, frontend, frontend_entry, started)
     except DDESegError:
         if created:
             _remove_if_empty(out)  # bad input: no empty output folder is left behind
@@ -546,9 +545,11 @@ def _run(
     out: Path,
     frontend: Any,
     frontend_entry: dict[str, Any],
-    batcher: Callable[..., Any],
     started: float,
 ) -> PrepareResult:
+    """The stage after its argument checks: scan, check the folder, write (see `prepare`)."""
+    from ddeseg.pipelines.logmel import LogMelBatcher  # torch: main process only
+
     logmel: Callable[[np.ndarray], np.ndarray] | None = None
     tasks = list(source.tasks)
     with _Stage(options.progress) as stage:
@@ -582,7 +583,7 @@ def _run(
             for reject in shard_rejects:
                 _fail_or_record(reject, options.on_error, source.root)
             if logmel is None and samples:
-                logmel = batcher(frontend, options.device)
+                logmel = LogMelBatcher(frontend, options.device)
             states[job.name] = _write_shard(out, job, samples, shard_rejects, logmel, fingerprints[job.name])  # type: ignore[arg-type]
 
         rows: list[dict[str, Any]] = []
