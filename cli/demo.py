@@ -12,7 +12,7 @@ from ddeseg.cli.app import app
 @app.command("demo")
 def demo_command(
     out: Path = typer.Option(Path("demo-out"), "--out", help="Folder for everything the demo writes (raw data, shards, runs, report)."),
-    minutes: float = typer.Option(6.0, "--minutes", min=0.1, help="Rough pipeline budget on 2 CPU cores; data and steps scale with it."),
+    minutes: float = typer.Option(6.0, "--minutes", min=0.1, help="Rough pipeline budget on 2 CPU cores; data and steps scale with it (small budgets still synthesise enough videos for every class to have training frames)."),
     classes: int = typer.Option(8, "--classes", min=2, max=20, help="Synthetic object/sound classes."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data and of training."),
     config: str = typer.Option("demo", "--config", help="Config YAML (path, or a bundled name)."),

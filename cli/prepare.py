@@ -62,7 +62,7 @@ def prepare_command(
     overwrite: bool = typer.Option(
         False,
         "--overwrite",
-        help="Start from scratch instead of keeping the finished shards of an earlier run.",
+        help="Replace everything an earlier prepare wrote to --out (all tasks), instead of keeping its finished shards and the other tasks' shards.",
     ),
     export_bbox_json: bool = typer.Option(
         False,
@@ -90,7 +90,7 @@ def prepare_command(
 ) -> None:
     """Raw AVSBench / DDESeg / VPO dataset -> unified WebDataset shards (log-mel, boxes).
 
-    Re-running resumes: finished shards are kept (--overwrite starts over). Bad frames are listed in SHARDS_DIR/rejects.jsonl. Without --config the built-in defaults are used (22.05 kHz, 1 s clips, 256 samples per shard).
+    Re-running resumes: finished shards are kept (--overwrite starts over). Preparing other tasks into a folder adds them: the tasks already there are kept (or the run refuses, before writing, when their shards would not fit: another class list or audio front end). Bad frames are listed in SHARDS_DIR/rejects.jsonl. Without --config the built-in defaults are used (22.05 kHz, 1 s clips, 256 samples per shard).
 
     Examples, one per layout:
 

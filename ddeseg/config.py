@@ -407,7 +407,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     try:
         return config_from_dict(data, overrides)
     except ConfigError as error:
-        raise ConfigError(f"{path}: {error}") from None
+        where = path if path is not None else "--set " + " ".join(overrides or [])  # no file: the overrides
+        raise ConfigError(f"{where}: {error}") from None
 
 
 def save_config(config: Config, path: str | Path) -> None:

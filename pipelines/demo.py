@@ -73,6 +73,49 @@ def _stage(name: str, timings: dict[str, float]):
     return _Timer()
 
 
+MAX_SYNTH_TRIES = 6
+
+
+def classes_with_training_samples(raw: Path) -> set[int]:
+    """Class ids that the memory bank will find: the sounding class of an annotated, non-silent,
+    single-source training frame (from the generator's ground truth, `synth_meta.json`)."""
+    meta = json.loads((raw / "synth_meta.json").read_text())
+    found: set[int] = set()
+    for video in meta["videos"]:
+        if video["split"] != "train":
+            continue
+        for frame in video["frames"]:
+            if frame["annotated"] and not frame["silent"] and len(frame["sounding_classes"]) == 1:
+                found.update(frame["sounding_classes"])
+    return found
+
+
+def synth_covering_every_class(raw_dir: Path, plan: DemoPlan) -> Path:
+    """Write the demo's synthetic set, with more videos until every class has training samples.
+
+    A small budget draws few videos, and a class that no single-source training frame shows has
+    no memory-bank row: the bank refuses it. The draw is seeded, so the videos needed for a
+    (budget, classes, seed) are always the same; `plan.videos` records the final count."""
+    from ddeseg.pipelines.sources.synthetic import generate
+
+    videos = plan.videos
+    for attempt in range(MAX_SYNTH_TRIES):
+        raw = generate(
+            "ddeseg", raw_dir, videos=videos, classes=plan.classes, seed=plan.seed,
+            image_size=plan.image_size, tasks=["v2"], overwrite=attempt > 0,
+        )
+        missing = set(range(1, plan.classes + 1)) - classes_with_training_samples(raw)
+        if not missing:
+            plan.videos = videos
+            return raw
+        console.print(f"{len(missing)} class(es) without a training sample in {videos} videos: adding videos")
+        tried, videos = videos, videos + max(plan.classes, videos // 2)
+    raise DDESegError(
+        f"{raw_dir}: class(es) {sorted(missing)} have no single-source training frame in {tried} videos; "
+        "try another --seed or fewer --classes"
+    )
+
+
 def demo_config(plan: DemoPlan, config_path: str | Path = "demo") -> Config:
     """configs/demo.yaml with the class counts of the synthetic set and the plan's steps."""
     return load_config(
@@ -99,7 +142,6 @@ def run_demo(out: Path, plan: DemoPlan, config_path: str | Path = "demo", overwr
     from ddeseg.engine.train import TrainRequest, train
     from ddeseg.pipelines.memory_bank import build_memory_bank
     from ddeseg.pipelines.prepare import PrepareOptions, prepare
-    from ddeseg.pipelines.sources.synthetic import generate
 
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -113,10 +155,7 @@ def run_demo(out: Path, plan: DemoPlan, config_path: str | Path = "demo", overwr
     started = time.perf_counter()
 
     with _stage("synth", timings):
-        raw = generate(
-            "ddeseg", out / "raw", videos=plan.videos, classes=plan.classes, seed=plan.seed,
-            image_size=plan.image_size, tasks=["v2"],
-        )
+        raw = synth_covering_every_class(out / "raw", plan)
     with _stage("prepare", timings):
         prepared = prepare(PrepareOptions(layout="ddeseg", root=raw, out=out / "shards", tasks=["v2"]), config)
     with _stage("pretrain-audio", timings):

@@ -700,6 +700,8 @@ def build_memory_bank(
         )
     if missing_fill not in MISSING_FILLS:
         raise DDESegError(f"missing fill {missing_fill!r}: expected one of {MISSING_FILLS}")
+    if out_dir.exists() and not out_dir.is_dir():  # before the embedding pass, not after it
+        raise DDESegError(f"--out {out_dir} exists and is not a directory; give a folder path")
     index = ShardIndex(shards_dir, need_manifest=False)  # bare shard folders are fine here
     names = index.class_names()
     bank_ids = index.bank_class_ids(task)

@@ -26,8 +26,16 @@ one used under `frontend` (`source`, `filterbank_sha256` = `filterbank_fingerpri
 Idempotent: a re-run keeps every shard whose tar and inputs are unchanged (verified by its
 sha256 and input fingerprint, which covers the filterbank: another one rebuilds every shard) and
 writes the rest; `overwrite` starts from scratch. The output bytes do not depend on `workers`.
-An output folder holds one run: shards that the current plan does not have (other tasks, an
-older shard size) are deleted.
+
+A folder can hold several runs' tasks: a run replaces only the tasks it prepares (their shards
+that the plan no longer has, e.g. an older shard size, are deleted) and ADDS to the others,
+whose shards, manifest rows and keyed rejects stay. It refuses (DataError, before writing
+anything) when the kept shards would not fit: another class list (the shorter must be the
+start of the longer, so that no id changes), another audio front end or clip length, or an
+earlier run it cannot read. `overwrite` replaces everything.
+
+Every input is checked before any output is written: a failed run (bad input) leaves no output
+folder behind when it created it.
 
 Rejects (`rejects.jsonl`, one json object per line: `key` (null for a metadata row), `path`
 relative to the raw root (`file.csv:LINE` for a row), `reason`): a missing, unreadable or
@@ -59,8 +67,8 @@ from ddeseg.classes import ALL_TASKS, SPLITS
 from ddeseg.config import Config, to_dict
 from ddeseg.data import schema
 from ddeseg.data.boxes import sounding_boxes
-from ddeseg.data.schema import SampleMeta, encode_array, encode_mask
-from ddeseg.errors import DataError
+from ddeseg.data.schema import SampleMeta, encode_array, encode_mask, sample_key
+from ddeseg.errors import DataError, DDESegError
 from ddeseg.pipelines.bboxes import export_bbox_json
 from ddeseg.pipelines.records import FrameRef, RecordError, Reject
 from ddeseg.pipelines.shards import (
@@ -129,6 +137,17 @@ class PrepareResult:
     shards_written: int
     shards_kept: int
     elapsed_s: float
+    kept_tasks: dict[str, int] = field(default_factory=dict)  # other tasks kept from earlier runs -> samples
+    uid_forms: dict[str, int] | None = None  # ddeseg VPO uids by form, when read
+
+
+@dataclass
+class EarlierRun:
+    """What an earlier prepare left in the output folder for the tasks this run does not prepare."""
+
+    rows: list[dict[str, Any]]  # their manifest rows
+    rejects: list[Reject]  # their keyed rejects
+    names: list[str]  # the class list of its classes.json
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,6 +262,99 @@ def _fail_or_record(reject: Reject, on_error: str, root: Path) -> Reject:
             f"{reject.path}: {reject.reason} ({sample}paths relative to {root}; --on-error skip lists all)"
         )
     return reject
+
+
+def _front_end_settings(report: dict[str, Any]) -> dict[str, Any]:
+    """What decides a shard's log-mels and audio, from a prepare.json (written by this or an
+    older version of prepare)."""
+    config = report.get("config") or {}
+    frontend = report.get("frontend") or {}
+    return {
+        "model.frontend": (config.get("model") or {}).get("frontend"),
+        "data.clip_seconds": (config.get("data") or {}).get("clip_seconds"),
+        "data.vpo_audio": (config.get("data") or {}).get("vpo_audio"),
+        "filterbank_sha256": frontend.get("filterbank_sha256"),
+        "stft_sha256": frontend.get("stft_sha256"),
+    }
+
+
+def _key_prefix(task: str) -> str:
+    """The start of every sample key of `task` (`sample_key` puts the cleaned task first)."""
+    return sample_key(task, "x", 0).removesuffix("x-000")
+
+
+def _read_earlier_run(out: Path, tasks: list[str]) -> EarlierRun | None:
+    """The outputs of an earlier run in `out` for tasks other than `tasks`; None when it has
+    none. A DataError (naming the file) when they exist but cannot be read."""
+    manifest = out / schema.MANIFEST_FILE
+    if not manifest.is_file():
+        return None
+    again = "; prepare into a new folder, or use --overwrite to replace it"
+    try:
+        table = pq.read_table(manifest)
+        earlier_rows = table.to_pylist()
+    except (OSError, pa.ArrowException) as error:
+        raise DataError(f"{manifest}: unreadable manifest of an earlier run ({error}){again}") from None
+    rows = []
+    for row in earlier_rows:
+        if row.get("task") in tasks:
+            continue
+        boxes = row.get("class_boxes") or []
+        rows.append(dict(row, class_boxes={str(k): v for k, v in (boxes.items() if isinstance(boxes, dict) else boxes)}))
+    try:
+        classes = json.loads((out / schema.CLASSES_FILE).read_text())
+        names = list(classes["names"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        if not rows:
+            return None
+        raise DataError(f"{out / schema.CLASSES_FILE}: unreadable class list of an earlier run ({error}){again}") from None
+    rejects = []
+    try:
+        for line in (out / schema.REJECTS_FILE).read_text().splitlines():
+            recorded = json.loads(line)
+            key = recorded.get("key")
+            if key and not any(key.startswith(_key_prefix(task)) for task in tasks):
+                rejects.append(Reject(recorded["path"], recorded["reason"], key))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        rejects = []  # a lost rejects list loses no sample: the shards and rows stay
+    return EarlierRun(rows=rows, rejects=rejects, names=names)
+
+
+def _check_earlier_run(
+    out: Path, earlier: EarlierRun, class_names: list[str], settings: dict[str, Any]
+) -> list[str]:
+    """The class list of the merged folder; a DataError when the kept tasks' shards would not
+    fit this run's (another class list or audio front end)."""
+    kept = sorted({row["task"] for row in earlier.rows}, key=ALL_TASKS.index)
+    advice = (
+        f"prepare into another folder, prepare {','.join(kept)} in the same run, "
+        f"or use --overwrite to replace them"
+    )
+    longer, shorter = (earlier.names, class_names) if len(earlier.names) >= len(class_names) else (class_names, earlier.names)
+    if longer[: len(shorter)] != shorter:
+        first = next(i for i, (a, b) in enumerate(zip(longer, shorter, strict=False)) if a != b)
+        raise DataError(
+            f"{out / schema.CLASSES_FILE}: the shards of {', '.join(kept)} there use another class list "
+            f"(id {first}: {earlier.names[first]!r} there, {class_names[first]!r} in this run); {advice}"
+        )
+    try:
+        report = json.loads((out / schema.PREPARE_FILE).read_text())
+    except (OSError, ValueError) as error:
+        raise DataError(f"{out / schema.PREPARE_FILE}: unreadable record of the earlier run ({error}); {advice}") from None
+    before = _front_end_settings(report)
+    different = [name for name, value in settings.items() if before.get(name) != value]
+    if different:
+        raise DataError(
+            f"{out / schema.PREPARE_FILE}: the shards of {', '.join(kept)} there were made with another "
+            f"{', '.join(different)}; {advice}"
+        )
+    return list(longer)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Remove `folder` when it holds no file at all (only empty folders): a failed run's leftovers."""
+    if folder.is_dir() and not any(path.is_file() or path.is_symlink() for path in folder.rglob("*")):
+        shutil.rmtree(folder)
 
 
 def _clear_outputs(out: Path) -> None:
@@ -406,28 +518,59 @@ def prepare(options: PrepareOptions, config: Config | None = None) -> PrepareRes
         raise DataError(f"--on-error must be one of {ON_ERROR}, got {options.on_error!r}")
     if options.workers < 1:
         raise DataError(f"--workers must be >= 1, got {options.workers}")
+    if config.data.samples_per_shard < 1:
+        raise DataError(
+            f"data.samples_per_shard must be >= 1, got {config.data.samples_per_shard} (set it in --config or --set)"
+        )
     out = Path(options.out)
     if out.exists() and not out.is_dir():
-        raise DataError(f"output {out} exists and is not a directory")
+        raise DataError(f"--out {out} exists and is not a directory; give a folder path")
     source = open_source(options.layout, options.root, options.tasks, config, options.source_options)
     if out.resolve() == source.root or source.root.is_relative_to(out.resolve()):
         raise DataError(f"output {out} must not contain the dataset root {source.root}")
-    from ddeseg.audio import LogMelBatcher, prepare_frontend  # builds torch modules: main process only
+    from ddeseg.audio import prepare_frontend  # builds torch modules: main process only
     from ddeseg.distributed import resolve_device
 
     resolve_device(options.device)  # a bad --device fails here, not after the scan
 
     frontend, frontend_entry = prepare_frontend(config.model.frontend, options.audio_checkpoint)
-    out.mkdir(parents=True, exist_ok=True)
-    if options.overwrite:
-        _clear_outputs(out)
-    logmel: Callable[[np.ndarray], np.ndarray] | None = None
+    created = not out.exists()
+    try:
+        return _run(options, config, source, out, frontend, frontend_entry, started)
+    except DDESegError:
+        if created:
+            _remove_if_empty(out)  # bad input: no empty output folder is left behind
+        raise
 
+
+def _run(
+    options: PrepareOptions,
+    config: Config,
+    source: Source,
+    out: Path,
+    frontend: Any,
+    frontend_entry: dict[str, Any],
+    started: float,
+) -> PrepareResult:
+    """The stage after its argument checks: scan, check the folder, write (see `prepare`)."""
+    from ddeseg.audio import LogMelBatcher  # torch: main process only
+
+    logmel: Callable[[np.ndarray], np.ndarray] | None = None
+    tasks = list(source.tasks)
     with _Stage(options.progress) as stage:
+        # everything that can refuse the run comes before the first write
         refs, rejects = _scan(source, options.on_error, stage.bar("scan", None))
         stage.close("scan")
+        earlier = None if options.overwrite else _read_earlier_run(out, tasks)
+        class_names = list(source.classes.names)
+        if earlier is not None and earlier.rows:
+            settings = _front_end_settings({"config": to_dict(config), "frontend": frontend_entry})
+            class_names = _check_earlier_run(out, earlier, class_names, settings)
         jobs = plan_shards(refs, config.data.samples_per_shard)
-        remove_stale(out, jobs, ALL_TASKS, SPLITS)
+        out.mkdir(parents=True, exist_ok=True)
+        if options.overwrite:
+            _clear_outputs(out)
+        remove_stale(out, jobs, tuple(tasks), SPLITS)  # this run's tasks only: the others are kept
         settings = _shard_settings(config, options, source, frontend_entry)
         fingerprints = {job.name: fingerprint(job, source.root, settings) for job in jobs}
         states: dict[str, dict[str, Any]] = {}
@@ -455,11 +598,19 @@ def prepare(options: PrepareOptions, config: Config | None = None) -> PrepareRes
             for recorded in state["rejects"]:  # kept shards' rejects count (and fail) as new ones
                 reject = Reject(recorded["path"], recorded["reason"], recorded.get("key"))
                 rejects.append(_fail_or_record(reject, options.on_error, source.root))
+        kept_tasks: dict[str, int] = {}
+        if earlier is not None and earlier.rows:
+            kept_tasks = dict(Counter(row["task"] for row in earlier.rows))
+            # the order of one run over all the tasks: by task and split, shard order within
+            rows = sorted(rows + earlier.rows, key=lambda row: (row["task"], row["split"]))
+            rejects = rejects + earlier.rejects
+            tasks = [task for task in ALL_TASKS if task in set(tasks) | set(kept_tasks)]
         _write_manifest(out, rows)
         stage.finish("manifest", len(rows))
 
-    tasks = list(source.tasks)
-    write_atomic(out / schema.CLASSES_FILE, json.dumps(source.classes.to_json(tasks), indent=1).encode())
+    classes_json = source.classes.to_json(tasks)
+    classes_json["names"] = class_names  # a longer list of the kept tasks keeps its extra names
+    write_atomic(out / schema.CLASSES_FILE, json.dumps(classes_json, indent=1).encode())
     write_atomic(out / schema.REJECTS_FILE, "".join(reject.to_json() + "\n" for reject in rejects).encode())
     if options.export_bbox_json:
         export_bbox_json(rows, out / "bbox")
@@ -468,6 +619,7 @@ def prepare(options: PrepareOptions, config: Config | None = None) -> PrepareRes
         counts.setdefault(row["task"], {}).setdefault(row["split"], 0)
         counts[row["task"]][row["split"]] += 1
     elapsed = time.perf_counter() - started
+    described = source.describe()
     result = PrepareResult(
         out=out,
         counts=counts,
@@ -476,12 +628,16 @@ def prepare(options: PrepareOptions, config: Config | None = None) -> PrepareRes
         shards_written=len(jobs) - kept,
         shards_kept=kept,
         elapsed_s=elapsed,
+        kept_tasks=kept_tasks,
+        uid_forms=described.get("uid_forms"),
     )
     report = {
         "layout": options.layout,
         "root": str(source.root),
         "tasks": tasks,
-        "source": source.describe(),
+        "prepared_tasks": list(source.tasks),
+        "kept_tasks": kept_tasks,
+        "source": described,
         "config": to_dict(config),
         "frontend": frontend_entry,
         "counts": counts,
@@ -490,7 +646,7 @@ def prepare(options: PrepareOptions, config: Config | None = None) -> PrepareRes
         "rejects": len(rejects),
         "rejects_by_reason": dict(Counter(_reason_kind(reject.reason) for reject in rejects).most_common()),
         "shards": {
-            "total": sum(1 for job in jobs if states[job.name]["tar"]),
+            "total": sum(1 for job in jobs if states[job.name]["tar"]) + len({row["shard"] for row in rows if row["task"] in kept_tasks}),
             "written": result.shards_written,
             "kept": kept,
         },
@@ -531,4 +687,11 @@ def summary_table(result: PrepareResult):
         f"{result.unannotated} unannotated frames kept; shards: {result.shards_written} written, "
         f"{result.shards_kept} kept; {result.elapsed_s:.1f} s"
     )
-    return Group(table, line)
+    lines = [table, line]
+    if result.kept_tasks:
+        kept = ", ".join(f"{task} ({count})" for task, count in result.kept_tasks.items())
+        lines.append(Text(f"kept from an earlier run in this folder: {kept} samples (--overwrite replaces them)"))
+    if result.uid_forms:
+        forms = ", ".join(f"{count} {form}" for form, count in result.uid_forms.items())
+        lines.append(Text(f"VPO uids resolved: {forms}"))
+    return Group(*lines)

@@ -176,14 +176,16 @@ def expected_mask(
     files = frame["files"]
     if run in ("avsbench", "avsbench-object") or (run == "ddeseg" and video["task"] in AVSS):
         class_map = read_l_png(raw_dir / files["AVSS"]["mask"])  # labels_semantic, also for S4/MS3 videos
+        # the avsbench layout names classes by the real AVSS list (its label2idx.json)
+        name_key = "name" if run == "ddeseg" else "avss_name"
         if run == "avsbench-object":
             if video["task"] == "v1s":
-                category = classes[video["objects"][0]["class_id"]]["name"]
+                category = classes[video["objects"][0]["class_id"]][name_key]
                 return np.where(class_map > 0, names.index(category), 0).astype(np.uint8)
             return np.where(class_map > 0, names.index(SOUNDING_OBJECT), 0).astype(np.uint8)
         lut = np.zeros(256, np.uint8)
         for class_id, record in classes.items():
-            lut[class_id] = names.index(record["name"])
+            lut[class_id] = names.index(record[name_key])
         return lut[class_map]
     if run == "ddeseg":  # VPO part: VPO class ids
         class_map = read_l_png(raw_dir / files["VPO"]["mask"])
@@ -244,19 +246,20 @@ def test_every_sample_matches_the_generator_ground_truth(run, raw, prepared):
             assert np.array_equal(mask, expected_mask(run, raw_dir, meta, video, frame, names)), key
             # classes and boxes from the generator's instance records, not from the mask
             by_id = {c["id"]: c for c in meta["classes"]}
+            name_key = "name" if run == "ddeseg" else "avss_name"  # avsbench: the real AVSS names
             if run == "avsbench-object":
                 unified = {
                     c: names.index(
                         SOUNDING_OBJECT
                         if video["task"] == "v1m"
-                        else by_id[video["objects"][0]["class_id"]]["name"]
+                        else by_id[video["objects"][0]["class_id"]][name_key]
                     )
                     for c in by_id
                 }
             elif video["task"] in VPO:
                 unified = {c: names.index(by_id[c]["vpo_name"]) for c in by_id if by_id[c]["vpo_name"]}
             else:
-                unified = {c: names.index(by_id[c]["name"]) for c in by_id}
+                unified = {c: names.index(by_id[c][name_key]) for c in by_id}
             assert info.classes == sorted({unified[c] for c in frame["sounding_classes"]}), key
             size = np.array([video["width"], video["height"]] * 2, dtype=float)
             sounding = [v for v in frame["visible"] if v["sounding"]]

@@ -3,8 +3,10 @@ loaders read them (AVSBench `avs_scripts/*`, DDESeg `dataload/*`, CAVP `dataset/
 
 from __future__ import annotations
 
+import ast
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -147,8 +149,12 @@ def test_avss_colour_masks_decode_to_the_semantic_masks(datasets):
     root = datasets["avsbench"]
     meta = load_meta(root)
     label2idx = json.loads((root / "label2idx.json").read_text())
-    assert list(label2idx) == ["background"] + [c["name"] for c in meta["classes"]]
-    assert list(label2idx.values()) == list(range(1, len(meta["classes"]) + 2))
+    # the release's file: background + the 70 AVSS classes in alphabetical order, values from 1
+    assert len(label2idx) == 71 and list(label2idx)[0] == "background"
+    assert list(label2idx)[1:] == sorted(list(label2idx)[1:])
+    assert {"accordion", "woman", "emergency-car", "vacuum-cleaner"} <= set(label2idx)
+    assert list(label2idx.values()) == list(range(1, 72))
+    assert [c["avss_name"] for c in meta["classes"]] == list(label2idx)[1 : len(meta["classes"]) + 1]
     palette = avss_palette(len(label2idx)).astype(np.int32)
     # The VOC colours of get_v2_pallete, written out: ids 1..9.
     voc = [(128, 0, 0), (0, 128, 0), (128, 128, 0), (0, 0, 128), (128, 0, 128), (0, 128, 128), (128, 128, 128),
@@ -260,7 +266,7 @@ def meta_files(meta: dict) -> set[str]:
     listed = set()
     for video in meta["videos"]:
         for files in video["files"].values():
-            listed |= {value for key, value in files.items() if key in ("audio",) and value}
+            listed |= {value for key, value in files.items() if key in ("audio", "log_mel") and value}
         for frame in video["frames"]:
             for files in frame["files"].values():
                 listed |= {files[k] for k in ("image", "mask", "mask_rgb", "audio", "audio_stereo") if files.get(k)}
@@ -282,6 +288,7 @@ def test_avsbench_tables_match_files(datasets):
         for number in range(1, (1 if split == "train" else 5) + 1):
             expected.add(f"Single-source/s4_data/gt_masks/{split}/{category}/{name}/{name}_{number}.png")
         expected.add(f"Single-source/s4_data/audio_wav/{split}/{category}/{name}.wav")
+        expected.add(f"Single-source/s4_data/audio_log_mel/{split}/{category}/{name}.pkl")
     assert sorted(r[0] for r in rows) == sorted(v["ids"]["name"] for v in meta["videos"] if v["task"] == "v1s")
     # MS3 (avs_ms3/dataloader.py): name at 0, split column; frames without split folder
     header, rows = read_csv_rows(root / "Multi-sources/ms3_meta_data.csv")
@@ -291,6 +298,7 @@ def test_avsbench_tables_match_files(datasets):
             expected.add(f"Multi-sources/ms3_data/visual_frames/{name}/{name}.mp4_{number}.png")
             expected.add(f"Multi-sources/ms3_data/gt_masks/{split}/{name}/{name}_{number}.png")
         expected.add(f"Multi-sources/ms3_data/audio_wav/{split}/{name}.wav")
+        expected.add(f"Multi-sources/ms3_data/audio_log_mel/{split}/{name}.pkl")
     # AVSS (avss/color_dataloader.py): columns by name; frames / labels_rgb listed per folder
     header, rows = read_csv_rows(root / "metadata.csv")
     assert header == ["vid", "uid", "s_min", "s_sec", "a_obj", "split", "label"]
@@ -336,12 +344,19 @@ def test_ddeseg_tables_match_files(datasets):
     # VPO part (data_load_aug_vpo.py): uid, frame, mask at 0..2; split and type by name
     header, rows = read_csv_rows(root / "VPO_Clean/vpo_data_clean.csv")
     vpo_boxes = json.loads((root / "VPO_Clean/vpo_bbox_orisize.json").read_text())
-    assert header[3:] == ["split", "type"]
-    for uid, frame, mask, _split, _task in rows:
+    # the released 6-column form: uid `{type}/{id}`, frame, mask, category list, split, type
+    assert header == ["uid", "frame", "mask", "category", "split", "type"]
+    vpo_videos = {v["video"]: v for v in meta["videos"] if v["task"].startswith("VPO")}
+    for uid, frame, mask, categories, _split, task in rows:
         expected |= {f"VPO_Clean/{uid}/frames/{frame}", f"VPO_Clean/{uid}/labels_semantic/{mask}",
                      f"VPO_Clean/{uid}/mono_audio.wav", f"VPO_Clean/{uid}/stereo_audio.wav"}
         assert f"{uid}/labels_semantic/{mask}" in vpo_boxes
-    assert {(r[0], r[4]) for r in rows} == {(v["video"], v["task"]) for v in meta["videos"] if v["task"].startswith("VPO")}
+        assert uid.split("/")[0] == task
+        assert not uid.isdigit() and not uid.lstrip("-+").replace(".", "", 1).isdigit()  # pandas keeps a str
+        # the category list: a Python list literal of the VPO ids of the sounding classes
+        assert ast.literal_eval(categories) == vpo_videos[uid.rsplit("/", 1)[-1]]["frames"][0]["sounding_classes"]
+        assert re.fullmatch(r"\[\d+(, \d+)*\]|\[\]", categories)
+    assert {(r[0].rsplit("/", 1)[-1], r[5]) for r in rows} == {(v, info["task"]) for v, info in vpo_videos.items()}
     on_disk = all_files(root)
     # v1s train frames 1..4 have an image and a second of audio but no mask and no csv row.
     extra = meta_files(meta) - expected
@@ -523,3 +538,77 @@ def test_cli_help_and_run(tmp_path):
     assert set(meta["parts"]) == {"AVSS", "VPO"}
     result = runner.invoke(app, ["synth", "--layout", "vpo", "--out", str(out), "--quiet"])
     assert isinstance(result.exception, DDESegError)
+
+
+def _vggish_reference(wave: np.ndarray) -> np.ndarray:
+    """VGGish log-mel examples written from the parameters, loop by loop (independent of
+    `vggish_logmel`): float64 [examples, 96, 64]."""
+    import math
+
+    def mel(f: float) -> float:
+        return 1127.0 * math.log(1.0 + f / 700.0)
+
+    edges = [mel(125.0) + i * (mel(7500.0) - mel(125.0)) / 65 for i in range(66)]
+    window = [0.5 - 0.5 * math.cos(2 * math.pi * n / 400) for n in range(400)]
+    weights = np.zeros((257, 64))
+    for k in range(1, 257):  # bin 0 (DC) has no weight
+        m = mel(k * 8000.0 / 256)
+        for band in range(64):
+            lo, mid, hi = edges[band], edges[band + 1], edges[band + 2]
+            if lo < m <= mid:
+                weights[k, band] = (m - lo) / (mid - lo)
+            elif mid < m < hi:
+                weights[k, band] = (hi - m) / (hi - mid)
+    rows = []
+    for start in range(0, len(wave) - 400 + 1, 160):
+        spectrum = np.abs(np.fft.rfft(np.asarray(wave[start : start + 400]) * window, 512))
+        rows.append(np.log(spectrum @ weights + 0.01))
+    frames = np.array(rows)
+    return np.stack([frames[i * 96 : (i + 1) * 96] for i in range(len(frames) // 96)])
+
+
+def test_avsbench_log_mel_pickles_are_vggish_examples_of_the_wav(datasets):
+    """S4/MS3 `audio_log_mel/*.pkl`: what the official loaders `pickle.load` (a float32 tensor
+    [5, 1, 96, 64]); the values are VGGish examples of the clip's wav. (The test unpickles files
+    it just generated; ddeseg itself never unpickles.)"""
+    import pickle
+
+    import torch
+
+    root = datasets["avsbench"]
+    meta = load_meta(root)
+    checked = 0
+    for video in meta["videos"]:
+        for part in ("S4", "MS3"):
+            files = video["files"].get(part)
+            if not files:
+                continue
+            tensor = pickle.loads((root / files["log_mel"]).read_bytes())
+            assert isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32
+            assert tuple(tensor.shape) == (5, 1, 96, 64)
+            wave, rate = soundfile.read(root / files["audio"], dtype="float64")
+            assert rate == 16_000 and wave.shape == (5 * 16_000,)
+            expected = _vggish_reference(wave)[:5]  # a 5 s clip gives 5 whole examples
+            assert expected.shape == (5, 96, 64)
+            assert np.allclose(tensor[:, 0].numpy(), expected, atol=1e-4)
+            checked += 1
+    assert checked >= 2
+
+
+def test_vggish_examples_of_a_tone_and_of_a_short_clip():
+    from ddeseg.pipelines.sources.vggish_logmel import avsbench_examples
+
+    t = np.arange(16_000 * 5) / 16_000
+    tone = 0.5 * np.sin(2 * np.pi * 1000.0 * t)
+    examples = avsbench_examples(tone)
+    band = int(np.argmax(examples[0, 0].mean(axis=0)))
+    # the band whose centre is nearest 1 kHz on the HTK mel scale
+    mel = lambda f: 1127.0 * np.log1p(f / 700.0)  # noqa: E731
+    centres = mel(125.0) + (np.arange(64) + 1) * (mel(7500.0) - mel(125.0)) / 65
+    assert abs(band - int(np.argmin(abs(centres - mel(1000.0))))) <= 1
+    # 2.5 s gives 2 examples (frames 1 + (40000 - 400) // 160 = 248): the second is repeated
+    short = avsbench_examples(tone[: 40_000])
+    assert short.shape == (5, 1, 96, 64)
+    assert all(np.array_equal(short[i], short[1]) for i in range(2, 5))
+    assert np.array_equal(short[:2], examples[:2])
+    assert np.allclose(avsbench_examples(np.zeros(80_000)), np.log(0.01))

@@ -104,6 +104,7 @@ class AVSBenchSource(Source):
         assert self.avss_csv is not None
         base = relative(self.root, self.avss_csv.parent)
         csv_name = relative(self.root, self.avss_csv)
+        yield from self.bad_rows(self.avss_csv, self.avss_rows)
         seen: dict[tuple[str, str], int] = {}
         for line, row in self.avss_rows:
             uid, split, subset = row["uid"], row["split"], row["label"]
@@ -154,7 +155,9 @@ class AVSBenchSource(Source):
     def _object_rows(self, csv_path: Path, columns: int) -> Iterator[tuple[str, list[str]] | Reject]:
         csv_name = relative(self.root, csv_path)
         seen: dict[str, int] = {}
-        for line, row in read_csv(csv_path):
+        rows = read_csv(csv_path)
+        yield from self.bad_rows(csv_path, rows)
+        for line, row in rows:
             where = f"{csv_name}:{line}"
             if len(row) < columns:
                 yield Reject(where, f"expected {columns} columns, got {len(row)}")

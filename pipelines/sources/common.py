@@ -82,24 +82,76 @@ def safe_path(root: Path, relative: str) -> Path:
     return resolved
 
 
-def read_csv(path: Path, skip_header: bool = True) -> list[tuple[int, list[str]]]:
-    """Rows of a csv as `(line number, cells)`, blank rows dropped, cells stripped."""
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        rows = [(number, [cell.strip() for cell in row]) for number, row in enumerate(csv.reader(handle), 1)]
-    rows = [(number, row) for number, row in rows if any(row)]
-    return rows[1:] if skip_header and rows else rows
+class CsvRows(list):
+    """`(line number, cells)` rows of a csv; `bad` lists `(line number, reason)` of the rows that
+    could not be read (not UTF-8, broken quoting): each is one reject, never the whole file."""
+
+    def __init__(self, rows: list[tuple[int, Any]] = (), bad: list[tuple[int, str]] | None = None):
+        super().__init__(rows)
+        self.bad: list[tuple[int, str]] = list(bad or [])
 
 
-def read_csv_dicts(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
-    """Rows of a csv with a header as `(line number, {column: cell})`; missing columns are a DataError."""
+def _decode_line(raw: bytes, first: bool) -> str:
+    """One physical line as text; UnicodeDecodeError when it is not UTF-8 (a BOM is dropped)."""
+    return raw.decode("utf-8-sig" if first else "utf-8")
+
+
+def read_csv(path: Path, skip_header: bool = True) -> CsvRows:
+    """Rows of a csv as `(line number, cells)`, blank rows dropped, cells stripped.
+
+    Read line by line (the metadata files of every layout have one record per line): a line that
+    is not UTF-8 (a file name in another encoding) or not valid csv goes to `.bad` with its
+    line number, and every other row is still read. With `skip_header`, the first non-blank
+    line is dropped whether it is readable or not. An unreadable file is a DataError."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise DataError(f"{path}: cannot read the csv ({error.strerror or error})") from None
+    rows = CsvRows()
+    header_seen = not skip_header
+    for number, raw in enumerate(data.splitlines(), 1):
+        try:
+            text = _decode_line(raw, number == 1)
+        except UnicodeDecodeError as error:
+            reason = f"row is not UTF-8 text (byte 0x{raw[error.start]:02x} at column {error.start + 1})"
+            cells: list[str] | None = None
+        else:
+            try:
+                cells = [cell.strip() for cell in next(csv.reader([text]), [])]
+            except csv.Error as error:
+                reason, cells = f"row is not valid csv ({error})", None
+            if cells is not None and not any(cells):
+                continue  # blank row
+        if not header_seen:
+            header_seen = True
+            continue
+        if cells is None:
+            rows.bad.append((number, reason))
+        else:
+            rows.append((number, cells))
+    return rows
+
+
+def read_csv_header(path: Path) -> tuple[list[str], CsvRows]:
+    """The header cells and the rows after it (unreadable rows in `.bad`); an empty csv or an
+    unreadable header is a DataError (no column can be found without it)."""
     rows = read_csv(path, skip_header=False)
+    if rows.bad and (not rows or rows.bad[0][0] < rows[0][0]):
+        line, reason = rows.bad[0]
+        raise DataError(f"{path}:{line}: the header {reason}; fix the header line")
     if not rows:
         raise DataError(f"{path}: empty csv")
-    header = rows[0][1]
+    return rows[0][1], CsvRows(rows[1:], rows.bad)
+
+
+def read_csv_dicts(path: Path, required: tuple[str, ...]) -> CsvRows:
+    """Rows of a csv with a header as `(line number, {column: cell})` (unreadable rows in `.bad`);
+    an empty csv, an unreadable header or missing columns are a DataError."""
+    header, rows = read_csv_header(path)
     missing = [name for name in required if name not in header]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; found {header}")
-    return [(number, dict(zip(header, cells, strict=False))) for number, cells in rows[1:]]
+    return CsvRows([(number, dict(zip(header, cells, strict=False))) for number, cells in rows], rows.bad)
 
 
 def find_file(root: Path, name: str, max_depth: int = 2) -> Path | None:
@@ -350,6 +402,12 @@ class Source:
         raise NotImplementedError
 
     # -- shared ------------------------------------------------------------------------------
+
+    def bad_rows(self, csv_path: Path, rows: CsvRows) -> Iterator[Reject]:
+        """One reject per unreadable row of `csv_path` (`file.csv:LINE`, relative to the root)."""
+        name = relative(self.root, csv_path)
+        for line, reason in rows.bad:
+            yield Reject(f"{name}:{line}", reason)
 
     def describe(self) -> dict[str, Any]:
         """What this reader found, for `prepare.json`."""

@@ -15,30 +15,67 @@ AVSS part (tasks v1s, v1m, v2), the folder of `metadata_w_silent.csv`:
 
 VPO part (tasks VPO-SS, VPO-MS, VPO-MSMI), the folder of `vpo_data_clean.csv`:
 - csv (pandas-style header): positions 0 uid, 1 frame file, 2 mask file; named columns `split`
-  and `type` (the task).
-- `{uid}/frames/{frame}`, `{uid}/labels_semantic/{mask}` (VPO class ids 0..21, remapped to the
-  unified list), `{uid}/mono_audio.wav` or `stereo_audio.wav` (`data.vpo_audio`; stereo is
+  and `type` (the task). The real file has 6 columns (uid, frame, mask, a category list such as
+  `[3, 7]`, split, type); the category list is not needed (the mask has the classes).
+- A uid names the video folder `{VPO}/{type}/{id}` in one of three forms (`uid_forms` in
+  `prepare.json` counts them): `{id}`, `{type}/{id}`, or an absolute path of the authors'
+  machine ending in `{type}/{id}` (the released config and bbox keys use such paths), which is
+  resolved by its trailing components under the VPO folder, never outside it. `{id}` also finds
+  a folder `{VPO}/{id}` directly (the form of ddeseg's older synthetic sets).
+- `{folder}/frames/{frame}`, `{folder}/labels_semantic/{mask}` (VPO class ids 0..21, remapped to
+  the unified list), `{folder}/mono_audio.wav` or `stereo_audio.wav` (`data.vpo_audio`; stereo is
   averaged to mono), from its start like the official loader.
-- A uid with several rows gets frame indices 0, 1, ... in the order of its frame file names.
+- A video with several rows gets frame indices 0, 1, ... in the order of its frame file names.
+
+Every csv is read row by row: an undecodable row is one reject (`file.csv:LINE`).
 """
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ddeseg.classes import AVSS_TASKS, SPLITS, VPO_TASKS
 from ddeseg.errors import DataError
-from ddeseg.pipelines.records import AudioSpec, ClassList, FrameRef, MaskSpec, Reject
+from ddeseg.pipelines.records import AudioSpec, ClassList, FrameRef, MaskSpec, RecordError, Reject
 from ddeseg.pipelines.sources.avsbench import read_label2idx
-from ddeseg.pipelines.sources.common import Source, find_file, join, read_csv, relative
+from ddeseg.pipelines.sources.common import (
+    CsvRows,
+    Source,
+    find_file,
+    join,
+    read_csv_header,
+    relative,
+    safe_path,
+)
 
 AVSS_CSV = "metadata_w_silent.csv"
 VPO_CSV = "vpo_data_clean.csv"
 SILENT_COLUMNS = ("silent", "is_silent")
 TRUE_WORDS = {"1", "true", "yes", "y", "t"}
 FALSE_WORDS = {"0", "false", "no", "n", "f", ""}
+UID_FORMS = ("{id}", "{type}/{id}", "absolute")
+_WINDOWS_ABSOLUTE = re.compile(r"^[A-Za-z]:[\\/]")
+
+
+def uid_candidates(uid: str, task: str) -> tuple[str, list[str]]:
+    """(form, folders relative to the VPO folder to try, in order) of a VPO csv uid.
+
+    `{id}` -> `{type}/{id}`, then `{id}`; `{type}/{id}` (any relative path) -> itself; an
+    absolute path (posix or `C:\\...`) -> its last two components, then `{type}/{last}`, then
+    `{last}`: the authors' machine prefix is dropped, the tail must exist under the root."""
+    if uid.startswith("/") or _WINDOWS_ABSOLUTE.match(uid):
+        parts = [part for part in PurePosixPath(uid.replace("\\", "/")).parts if part not in ("/", "")]
+        if _WINDOWS_ABSOLUTE.match(uid):
+            parts = parts[1:]  # the drive
+        tails = ["/".join(parts[-2:]), f"{task}/{parts[-1]}", parts[-1]] if parts else []
+        return "absolute", list(dict.fromkeys(tails))
+    if "/" in uid:
+        return "{type}/{id}", [uid]
+    return "{id}", [f"{task}/{uid}", uid]
 
 
 class DDESegLayoutSource(Source):
@@ -49,26 +86,27 @@ class DDESegLayoutSource(Source):
         self.avss_csv = find_file(self.root, AVSS_CSV)
         self.vpo_csv = find_file(self.root, VPO_CSV)
         found: dict[str, Path] = {}
-        self.avss_rows: list[tuple[int, list[str]]] = []
+        self.avss_rows = CsvRows()
         self.avss_header: list[str] = []
         if self.avss_csv is not None:
             label2idx = self.avss_csv.parent / "label2idx.json"
             if label2idx.is_file():
                 self.set_avss_classes(ClassList(read_label2idx(label2idx)))
-            rows = read_csv(self.avss_csv, skip_header=False)
-            self.avss_header = [cell.lower() for cell in rows[0][1]] if rows else []
-            self.avss_rows = rows[1:]
+            header, self.avss_rows = read_csv_header(self.avss_csv)
+            self.avss_header = [cell.lower() for cell in header]
             for _, row in self.avss_rows:
                 if len(row) > 5 and row[5] in AVSS_TASKS:
                     found[row[5]] = self.avss_csv
         self.vpo_rows: list[tuple[int, list[str], dict[str, str]]] = []
+        self.vpo_bad: list[tuple[int, str]] = []
+        self.uid_forms: Counter[str] = Counter()
         if self.vpo_csv is not None:
-            rows = read_csv(self.vpo_csv, skip_header=False)
-            header = rows[0][1] if rows else []
+            header, rows = read_csv_header(self.vpo_csv)
+            self.vpo_bad = rows.bad
             missing = [name for name in ("split", "type") if name not in header]
             if missing:
                 raise DataError(f"{self.vpo_csv}: missing column(s) {missing}; found {header}")
-            for line, cells in rows[1:]:
+            for line, cells in rows:
                 named = dict(zip(header, cells, strict=False))
                 self.vpo_rows.append((line, cells, named))
                 if named.get("type") in VPO_TASKS:
@@ -77,6 +115,12 @@ class DDESegLayoutSource(Source):
 
     def expected_files(self) -> str:
         return f"expected {AVSS_CSV} (AVSS part) or {VPO_CSV} (VPO part)"
+
+    def describe(self) -> dict[str, Any]:
+        described = super().describe()
+        if any(task in VPO_TASKS for task in self.tasks):
+            described["uid_forms"] = {form: self.uid_forms[form] for form in UID_FORMS}
+        return described
 
     def scan(self) -> Iterator[FrameRef | Reject]:
         if any(task in AVSS_TASKS for task in self.tasks):
@@ -96,6 +140,7 @@ class DDESegLayoutSource(Source):
         base = relative(self.root, self.avss_csv.parent)
         csv_name = relative(self.root, self.avss_csv)
         silent_column = self._silent_column()
+        yield from self.bad_rows(self.avss_csv, self.avss_rows)
         seen: dict[tuple[str, str], int] = {}
         for line, row in self.avss_rows:
             where = f"{csv_name}:{line}"
@@ -145,13 +190,28 @@ class DDESegLayoutSource(Source):
                 silent_hint=silent_hint,
             )
 
+    def _video_folder(self, base: str, uid: str, task: str) -> tuple[str, str]:
+        """(folder relative to the root, uid form) of a VPO uid; RecordError when no candidate
+        folder exists or a candidate leaves the root."""
+        form, candidates = uid_candidates(uid, task)
+        if any(part in ("..", ".") for part in uid.replace("\\", "/").split("/")):
+            raise RecordError(uid, f"uid {uid!r} has a '..' or '.' component (paths never leave the dataset root)")
+        for candidate in candidates:
+            folder = join(base, candidate)
+            if safe_path(self.root, folder).is_dir():  # RecordError when it escapes the root
+                return folder, form
+        tried = ", ".join(join(base, candidate) for candidate in candidates) or "(none)"
+        raise RecordError(uid, f"no video folder for uid {uid!r} ({form} form; tried {tried})")
+
     def _scan_vpo(self) -> Iterator[FrameRef | Reject]:
         assert self.vpo_csv is not None
         base = relative(self.root, self.vpo_csv.parent)
         csv_name = relative(self.root, self.vpo_csv)
         audio_file = "stereo_audio.wav" if self.vpo_audio == "stereo" else "mono_audio.wav"
+        yield from self.bad_rows(self.vpo_csv, CsvRows(bad=self.vpo_bad))
         groups: dict[tuple[str, str], list[tuple[str, str, str, str]]] = {}
         seen: dict[tuple[str, str, str], int] = {}
+        folders: dict[tuple[str, str], tuple[str, str] | str] = {}  # (task, uid) -> (folder, form) | reason
         for line, cells, named in self.vpo_rows:
             where = f"{csv_name}:{line}"
             task, split = named.get("type", ""), named.get("split", "")
@@ -167,23 +227,37 @@ class DDESegLayoutSource(Source):
                 yield Reject(where, f"unknown split {split!r}")
                 continue
             uid, frame_file, mask_file = cells[0], cells[1], cells[2]
-            if (task, uid, frame_file) in seen:
+            if (task, uid) not in folders:
+                try:
+                    folders[task, uid] = self._video_folder(base, uid, task)
+                except RecordError as error:
+                    folders[task, uid] = error.reason
+            resolved = folders[task, uid]
+            if isinstance(resolved, str):
+                yield Reject(where, resolved)
+                continue
+            folder, _ = resolved
+            if (task, folder, frame_file) in seen:
                 yield Reject(
                     where,
-                    f"duplicate row: {uid}/{frame_file} already listed at line {seen[task, uid, frame_file]}",
+                    f"duplicate row: {uid}/{frame_file} already listed at line {seen[task, folder, frame_file]}",
                 )
                 continue
-            seen[task, uid, frame_file] = line
-            groups.setdefault((task, uid), []).append((frame_file, mask_file, split, where))
-        for (task, uid), rows in groups.items():
+            seen[task, folder, frame_file] = line
+            groups.setdefault((task, folder), []).append((frame_file, mask_file, split, where))
+        for resolved in folders.values():
+            if not isinstance(resolved, str):
+                self.uid_forms[resolved[1]] += 1
+        for (task, folder), rows in groups.items():
+            video = folder.rsplit("/", 1)[-1]  # the id, whatever the uid's form
             for frame, (frame_file, mask_file, split, _) in enumerate(sorted(rows)):
                 yield FrameRef(
                     task=task,
                     subset=task,
                     split=split,
-                    video=uid,
+                    video=video,
                     frame=frame,
-                    image=join(base, uid, "frames", frame_file),
-                    mask=MaskSpec(candidates=((join(base, uid, "labels_semantic", mask_file), "vpo"),)),
-                    audio=AudioSpec(paths=(join(base, uid, audio_file),), window="head"),
+                    image=join(folder, "frames", frame_file),
+                    mask=MaskSpec(candidates=((join(folder, "labels_semantic", mask_file), "vpo"),)),
+                    audio=AudioSpec(paths=(join(folder, audio_file),), window="head"),
                 )

@@ -24,7 +24,8 @@ seconds [f, f + 1) of the video's audio), whatever the layout's own file numberi
       "parts": {PART: {"root": folder, "mask_encoding": ENC, ...}},  # the release parts written
       "classes": [{"id": 1.., "name", "shape", "texture", "rgb": [r, g, b], "timbre",
                    "band_hz": [lo, hi],      # the class's sound lives in this band
-                   "vpo_name": str | null, "coco_id": int | null}],  # null when id > 21
+                   "vpo_name": str | null, "coco_id": int | null,  # null when id > 21
+                   "avss_name": str}],       # its name in the avsbench layout (real label2idx)
       "videos": [VIDEO, ...]                # ordered by task (params.tasks order), then index
     }
 
@@ -76,14 +77,14 @@ import os
 import string
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ddeseg.classes import AVSS_TASKS, COCO_TO_VPO, SPLITS, VPO_CLASSES, VPO_TASKS, avss_palette
+from ddeseg.classes import AVSS_CLASSES, AVSS_TASKS, COCO_TO_VPO, SPLITS, VPO_CLASSES, VPO_TASKS, avss_palette
 from ddeseg.errors import DDESegError
 from ddeseg.fileio import building_directory
 from ddeseg.pipelines.sources import synthetic_layouts as layouts
@@ -252,7 +253,9 @@ def _content(config: SynthConfig, plan: VideoPlan, identities: list[scenes.Class
         audio = layouts.to_pcm16(scenes.scene_audio(rng, scene, identities, layouts.SAMPLE_RATE_HZ))
     else:
         img_id = (TASK_CODES[plan.task] - 3) * 1_000_000 + plan.index
-        ids.update(img_id=img_id, vpo_uid=f"{img_id:012d}")
+        # DDESeg VPO uid `{type}/{id}`: with its `/`, pandas keeps it a string (a bare 12-digit
+        # id becomes an int that the official loader cannot join into a path)
+        ids.update(img_id=img_id, vpo_uid=f"{plan.task}/{img_id:012d}")
         samples = layouts.VGG_CLIP_S * layouts.SAMPLE_RATE_HZ
         for obj in scene.objects:
             if not scene.sounding[0, obj.instance]:
@@ -295,6 +298,8 @@ def _content(config: SynthConfig, plan: VideoPlan, identities: list[scenes.Class
 def _write_parts(layout: str, root: Path, content: layouts.VideoContent, classes: int) -> dict[str, layouts.Written]:
     task = content.task
     if layout == "avsbench":
+        # the release names classes by the real AVSS list (label2idx.json): id k is AVSS_CLASSES[k]
+        content = replace(content, class_names={k: AVSS_CLASSES[k] for k in content.class_names})
         written = {"S4": layouts.write_s4(root, content)} if task == "v1s" else {}
         if task == "v1m":
             written["MS3"] = layouts.write_ms3(root, content)
@@ -347,7 +352,7 @@ def build_video(config: SynthConfig, plan: VideoPlan, root: str) -> dict[str, An
         "task": plan.task,
         "index": plan.index,
         "split": plan.split,
-        "video": ids["uid"] if plan.task in AVSS_TASKS else ids["vpo_uid"],
+        "video": ids["uid"] if plan.task in AVSS_TASKS else ids["vpo_uid"].rsplit("/", 1)[-1],
         "ids": ids,
         "width": content.width,
         "height": content.height,
@@ -395,6 +400,7 @@ def _class_records(config: SynthConfig) -> list[dict[str, Any]]:
         record["band_hz"] = list(identity.band_hz)
         in_vpo = identity.class_id < len(VPO_CLASSES)
         record["vpo_name"] = VPO_CLASSES[identity.class_id] if in_vpo else None
+        record["avss_name"] = AVSS_CLASSES[identity.class_id]  # its name in the avsbench layout
         record["coco_id"] = int(coco_ids[identity.class_id]) if in_vpo else None
         records.append(record)
     return records
@@ -519,7 +525,10 @@ def _write_tables(config: SynthConfig, root: Path, plans: list[VideoPlan], resul
             continue
         parts[part] = {"root": layouts.PART_ROOTS[config.layout][part], **info}
         if "label2idx" in info:
-            mapping = layouts.label2idx([identity.name for identity in identities])
+            # avsbench: the release's own file, the 71 real AVSS classes (synthetic class k is
+            # AVSS id k); ddeseg's download ships none: ours names the synthetic classes
+            names = list(AVSS_CLASSES[1:]) if config.layout == "avsbench" else [i.name for i in identities]
+            mapping = layouts.label2idx(names)
             layouts.write_bytes(root, info["label2idx"], _json_bytes(mapping, sort_keys=False, indent=4))
     meta = {
         "format": "ddeseg-synth-meta",

@@ -9,8 +9,8 @@ Parts (folder relative to RAW_DIR):
 
 | layout   | part | folder           | what                                                        |
 |----------|------|------------------|-------------------------------------------------------------|
-| avsbench | S4   | `Single-source/` | AVSBench-object single source (task v1s)                    |
-| avsbench | MS3  | `Multi-sources/` | AVSBench-object multi sources (task v1m)                    |
+| avsbench | S4   | `Single-source/` | AVSBench-object single source (task v1s), + `audio_log_mel/*.pkl` |
+| avsbench | MS3  | `Multi-sources/` | AVSBench-object multi sources (task v1m), + `audio_log_mel/*.pkl` |
 | avsbench | AVSS | `.`              | AVSBench-semantic: `metadata.csv`, `label2idx.json`, v1s/v1m/v2 |
 | ddeseg   | AVSS | `AVSSData/`      | DDESeg's reorganised AVSS (`metadata_w_silent.csv`, ...)    |
 | ddeseg   | VPO  | `VPO_Clean/`     | DDESeg's reorganised VPO (`vpo_data_clean.csv`, ...)        |
@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from ddeseg.classes import VPO_CLASSES
+from ddeseg.pipelines.sources.vggish_logmel import avsbench_examples, pickled_tensor
 
 SAMPLE_RATE_HZ = 16_000  # AVSBench wavs are written at 16 kHz (preprocess_s4.py / _ms3.py)
 VGG_CLIP_S = 10  # VGGSound clips are 10 s
@@ -50,7 +51,8 @@ CSV_HEADERS = {
     "Multi-sources/ms3_meta_data.csv": ["video_id", "split"],
     "metadata.csv": ["vid", "uid", "s_min", "s_sec", "a_obj", "split", "label"],
     "AVSSData/metadata_w_silent.csv": ["vid", "uid", "s_min", "s_sec", "split", "label", "silent"],
-    "VPO_Clean/vpo_data_clean.csv": ["uid", "frame", "mask", "split", "type"],
+    # the 6 columns of DDESeg's released file as third-party readers read it (docs/datasets.md)
+    "VPO_Clean/vpo_data_clean.csv": ["uid", "frame", "mask", "category", "split", "type"],
     **{
         f"VPO/{task}/{name}": ["cateName", "img_Id", "ann_Ids", "cateId", "vgg_file", "split", "audio_pos"]
         + (["multi_instance"] if task == "VPO-MSMI" else [])
@@ -175,6 +177,13 @@ def label2idx(class_names: list[str]) -> dict[str, int]:
 # --------------------------------------------------------------------------------------------
 
 
+def _log_mel_pickle(pcm: np.ndarray) -> bytes:
+    """The release's `audio_log_mel/*.pkl` of a 16 kHz int16 clip: a pickled float32 torch
+    tensor `[5, 1, 96, 64]` of VGGish log-mel examples (`vggish_logmel`), for the official
+    S4/MS3 loaders; ddeseg's prepare never reads it."""
+    return pickled_tensor(avsbench_examples(pcm.astype(np.float32) / 32768.0))
+
+
 def write_s4(root: Path, video: VideoContent) -> Written:
     """`Single-source/`: PNG frames `{name}_{1..5}.png`, 0/255 masks, one 16 kHz wav."""
     name, split = video.ids["name"], video.split
@@ -196,10 +205,11 @@ def write_s4(root: Path, video: VideoContent) -> Written:
             )
         frames.append({"image": image, "mask": mask, "audio_start_s": float(index)})
     audio = write_bytes(root, f"{base}/audio_wav/{split}/{category}/{name}.wav", encode_wav(video.audio))
+    log_mel = write_bytes(root, f"{base}/audio_log_mel/{split}/{category}/{name}.pkl", _log_mel_pickle(video.audio))
     for entry in frames:
         entry["audio"] = audio
     row = [name, video.ids["s4_start"], category, split]
-    return Written(frames, {"audio": audio, "csv": "Single-source/s4_meta_data.csv"},
+    return Written(frames, {"audio": audio, "log_mel": log_mel, "csv": "Single-source/s4_meta_data.csv"},
                    rows={"Single-source/s4_meta_data.csv": [row]})
 
 
@@ -217,9 +227,10 @@ def write_ms3(root: Path, video: VideoContent) -> Written:
         mask = write_bytes(root, f"{base}/gt_masks/{split}/{name}/{name}_{number}.png", encode_png(binary))
         frames.append({"image": image, "mask": mask, "audio_start_s": float(index)})
     audio = write_bytes(root, f"{base}/audio_wav/{split}/{name}.wav", encode_wav(video.audio))
+    log_mel = write_bytes(root, f"{base}/audio_log_mel/{split}/{name}.pkl", _log_mel_pickle(video.audio))
     for entry in frames:
         entry["audio"] = audio
-    return Written(frames, {"audio": audio, "csv": "Multi-sources/ms3_meta_data.csv"},
+    return Written(frames, {"audio": audio, "log_mel": log_mel, "csv": "Multi-sources/ms3_meta_data.csv"},
                    rows={"Multi-sources/ms3_meta_data.csv": [[name, split]]})
 
 
@@ -298,11 +309,14 @@ def vpo_mixes(video: VideoContent) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_ddeseg_vpo(root: Path, video: VideoContent) -> Written:
-    """`VPO_Clean/{uid}/frames/{frame}`, `labels_semantic/{mask}` (VPO class ids 0..21),
-    `mono_audio.wav`, `stereo_audio.wav`."""
+    """`VPO_Clean/{type}/{id}/frames/{frame}`, `labels_semantic/{mask}` (VPO class ids 0..21),
+    `mono_audio.wav`, `stereo_audio.wav`; one csv row of the released form: uid `{type}/{id}`
+    (a string for pandas: it has a `/`), frame, mask, the
+    category list (`[3, 7]`, VPO ids of the sounding classes), split, type."""
     uid = video.ids["vpo_uid"]
+    name = uid.rsplit("/", 1)[-1]
     base = f"VPO_Clean/{uid}"
-    frame_name, mask_name = f"{uid}.jpg", f"{uid}.png"
+    frame_name, mask_name = f"{name}.jpg", f"{name}.png"
     class_map = video.class_maps[0]
     image = write_bytes(root, f"{base}/frames/{frame_name}", encode_jpeg(video.frames[0]))
     mask = write_bytes(root, f"{base}/labels_semantic/{mask_name}", encode_png(class_map))
@@ -311,7 +325,8 @@ def write_ddeseg_vpo(root: Path, video: VideoContent) -> Written:
     stereo_path = write_bytes(root, f"{base}/stereo_audio.wav", encode_wav(stereo))
     csv_path, json_path = "VPO_Clean/vpo_data_clean.csv", "VPO_Clean/vpo_bbox_orisize.json"
     files = {"image": image, "mask": mask, "audio": mono_path, "audio_stereo": stereo_path, "audio_start_s": 0.0}
-    row = [uid, frame_name, mask_name, video.split, video.task]
+    categories = str(sorted(int(c) for c in video.sounding_classes[0]))  # "[3, 7]", as the release
+    row = [uid, frame_name, mask_name, categories, video.split, video.task]
     # DDESeg looks boxes up by the mask path; ours are relative to the VPO_Clean folder.
     key = f"{uid}/labels_semantic/{mask_name}"
     return Written([files], {"csv": csv_path, "bbox_json": json_path}, rows={csv_path: [row]},

@@ -33,7 +33,7 @@ from ddeseg.classes import COCO_TO_VPO, SPLITS, VPO_TASKS
 from ddeseg.data.schema import IGNORE_INDEX
 from ddeseg.errors import DataError
 from ddeseg.pipelines.records import AudioSpec, FrameRef, MaskSpec, Reject
-from ddeseg.pipelines.sources.common import Source, join, read_csv_dicts, relative, safe_path
+from ddeseg.pipelines.sources.common import CsvRows, Source, join, read_csv_dicts, relative, safe_path
 
 CSV_NAMES = {
     "VPO-SS": "vpo_ss_data_stereo.csv",
@@ -98,8 +98,9 @@ class VPOSource(Source):
         for task in self.tasks:
             yield from self._scan_task(task, rows[task])
 
-    def _scan_task(self, task: str, rows: list[tuple[int, dict[str, str]]]) -> Iterator[FrameRef | Reject]:
+    def _scan_task(self, task: str, rows: CsvRows) -> Iterator[FrameRef | Reject]:
         csv_name = relative(self.root, self.csv_paths[task])
+        yield from self.bad_rows(self.csv_paths[task], rows)
         folder = relative(self.root, self.vpo_dir / task)
         ms_folder = relative(self.root, self.vpo_dir / "VPO-MS")
         groups: dict[str, list[tuple[str, dict[str, str], int, int]]] = {}
