@@ -116,6 +116,12 @@ class _SavedTensorCounter:
     def __init__(self, excluded: set[int]):
         self.excluded = excluded
         self.sizes: dict[int, int] = {}
+        # Storages are keyed by address, so every storage seen is held until the count is done:
+        # a segment input that autograd does not save (e.g. `x * 3` saves nothing) would
+        # otherwise be freed after its segment and its address reused by a later saved tensor,
+        # which then counted as the same storage (the count depended on the allocator's state,
+        # i.e. on what the process had run before).
+        self.held: dict[int, torch.UntypedStorage] = {}
         self.root = _Segment()
         self.stack = [self.root]
 
@@ -127,6 +133,7 @@ class _SavedTensorCounter:
         if key in self.excluded or storage.nbytes() == 0:
             return None
         self.sizes[key] = storage.nbytes()
+        self.held[key] = storage
         return key
 
     def pack(self, tensor: torch.Tensor) -> torch.Tensor:
