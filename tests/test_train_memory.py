@@ -5,6 +5,9 @@ step); the plan's own arithmetic is tested in test_memory_plan.py."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -221,3 +224,21 @@ def test_compile_wraps_the_training_model_and_checkpoints_save_plain_keys(tmp_pa
 def test_memory_keys_are_checked_on_load(prepared_synthetic, override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(prepared_synthetic.config, [override])
+
+
+def test_gpu_memory_option_of_the_cli(tmp_path, prepared_synthetic, bank_path, micro_config_overrides):
+    # `--gpu-memory` is `--set train.gpu_memory=...`: a size that is no size, and a budget where
+    # nothing fits, are each one line and exit status 2, with nothing written.
+    command = [
+        sys.executable, "-m", "ddeseg", "train", "--config", str(prepared_synthetic.config), "--shards", str(prepared_synthetic.shards),
+        "--memory-bank", str(bank_path), "--out", str(tmp_path / "run"), "--device", "cpu", "--steps", "2",
+    ]
+    for item in micro_config_overrides:
+        command += ["--set", item]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for budget, message in (("lots", "train.gpu_memory: memory size 'lots' is not a size"),
+                            ("1MiB", "train.gpu_memory: even micro-batch 1 does not fit")):
+        result = subprocess.run([*command, "--gpu-memory", budget], capture_output=True, text=True, timeout=300, env=environment)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
