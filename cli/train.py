@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -17,10 +18,12 @@ def train_command(
     out: Path = typer.Option(..., "--out", help="Run directory: config.yaml, metrics.jsonl, last.pt, best.pt."),
     task: str | None = typer.Option(None, "--task", help="Task to train on (v1s, v1m, v2, VPO-SS, VPO-MS, VPO-MSMI); default: the config's."),
     steps: int | None = typer.Option(None, "--steps", min=1, help="Optimizer steps (overrides train.steps)."),
-    resume: str | None = typer.Option(None, "--resume", help="Continue a run: a checkpoint path, or 'latest' for OUT/last.pt. The config must be the run's (only train.steps/epochs_equivalent/warmup_epochs, the log/eval/checkpoint cadence, tensorboard/wandb, data.num_workers/eval_batch_size, eval.* and pretrain_audio.* may change)."),
+    resume: str | None = typer.Option(None, "--resume", help="Continue a run: a checkpoint path, or 'latest' for OUT/last.pt. The config must be the run's (only train.steps/epochs_equivalent/warmup_epochs, the log/eval/checkpoint cadence, tensorboard/wandb, data.num_workers/eval_batch_size, train.activation_checkpointing/gpu_memory/memory_plan, eval.* and pretrain_audio.* may change; the run's micro-batch and accumulation are kept)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in OUT (last.pt, best.pt, metrics.jsonl, data_errors/); without it (or --resume) such a folder is refused."),
     stop_at: int | None = typer.Option(None, "--stop-at", min=1, help="Stop after this step and save last.pt, keeping the schedule of --steps (for time-limited jobs; continue with --resume latest)."),
     init: list[Path] = typer.Option([], "--init", exists=True, dir_okay=False, help="Weights to start from (repeatable): an audio checkpoint from `ddeseg pretrain-audio`, HTS-AT, MiT/SegFormer ImageNet or an official DDESeg checkpoint."),
+    gpu_memory: str | None = typer.Option(None, "--gpu-memory", help="GPU memory budget per rank, e.g. 24GiB or 40GB (sets train.gpu_memory): the memory plan picks the largest micro-batch that fits and the gradient accumulation that keeps the configured batch (data.batch_size x ranks x train.grad_accum); refused when micro-batch 1 does not fit."),
+    memory_plan: bool | None = typer.Option(None, "--memory-plan/--no-memory-plan", help="Measure and print the memory plan in the start-up table (sets train.memory_plan; default: on CUDA, or with --gpu-memory; minutes for the paper config on the CPU)."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda or cuda:N; default: the local GPU when present."),
     override: list[str] = typer.Option([], "--set", help="Config override, e.g. --set train.base_lr=5e-4 (repeatable)."),
 ) -> None:
@@ -29,6 +32,11 @@ def train_command(
     Example (one process):
 
         ddeseg train --config configs/v2.yaml --shards shards/ --memory-bank bank/bank.npy --out runs/v2
+
+    Example (the paper config on one 24 GiB GPU: bf16, checkpointing, micro-batch chosen):
+
+        ddeseg train --config configs/v2.yaml --shards shards/ --memory-bank bank/bank.npy --out runs/v2 \\
+            --gpu-memory 24GiB --set train.precision=bf16 --set "train.activation_checkpointing=[visual_blocks,aligners,head]"
 
     Example (2 nodes x 8 GPUs; run on every node):
 
@@ -44,6 +52,10 @@ def train_command(
         overrides.append(f"task={task}")
     if steps:
         overrides += [f"train.steps={steps}", "train.epochs_equivalent=null"]
+    if gpu_memory is not None:
+        overrides.append(f"train.gpu_memory={json.dumps(gpu_memory)}")  # a quoted YAML string, also for "25769803776"
+    if memory_plan is not None:
+        overrides.append(f"train.memory_plan={str(memory_plan).lower()}")
     cfg = load_config(config, overrides)
     context = init_distributed(device)
     try:

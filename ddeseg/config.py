@@ -156,13 +156,20 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float | None = 1.0
     grad_accum: int = 1
-    precision: str = "bf16"  # bf16 | fp16 | fp32 (autocast only on GPU)
+    precision: str = "bf16"  # bf16 | fp16 | fp32 (autocast on CUDA; the CPU trains in float32 ...)
+    # ... unless this is true: then bf16 autocast also on the CPU (to check the GPU's bf16
+    # numerics on the CPU; fp16 stays CUDA-only). False keeps CPU runs (demo, tests) float32.
+    cpu_autocast: bool = False
     # Recompute activations in the backward pass (GPU memory; same gradients): any of
     # visual_blocks, visual_stages, aligners, head (ddeseg.models.ddeseg.CHECKPOINT_PARTS).
     activation_checkpointing: tuple[str, ...] = ()
     # A GPU memory budget such as "24GiB": the micro-batch and gradient accumulation are then
     # chosen by the memory plan (ddeseg.memory) so that the configured batch is kept.
     gpu_memory: str | None = None
+    # Print the memory plan in `ddeseg train`'s start-up table (it measures two short forwards:
+    # seconds on a GPU, minutes for the paper config on the CPU). null: on CUDA, or when
+    # gpu_memory is set; true/false: always/never (gpu_memory still plans).
+    memory_plan: bool | None = None
     sync_batchnorm: bool = True  # multi-rank runs: BatchNorm -> SyncBatchNorm, as the official code
     compile: bool = False  # torch.compile the model (opt-in; see configs/README.md for the caveats)
     seed: int = 0
@@ -256,6 +263,25 @@ def check_training_keys(config: Config) -> None:
         raise ConfigError(f"train.betas must be two numbers in [0, 1), got {list(betas)}")
     if config.train.precision not in PRECISIONS:
         raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {config.train.precision!r}")
+    _check_memory_keys(config.train)
+
+
+def _check_memory_keys(train: TrainConfig) -> None:
+    """`train.activation_checkpointing` names known parts; `train.gpu_memory` is a size. (The
+    imports are lazy: they load torch, which most configs never need for these checks.)"""
+    if train.activation_checkpointing:
+        from ddeseg.models.ddeseg import CHECKPOINT_PARTS
+
+        unknown = sorted(set(train.activation_checkpointing) - set(CHECKPOINT_PARTS))
+        if unknown:
+            raise ConfigError(f"train.activation_checkpointing: unknown part(s) {unknown}; choose from {list(CHECKPOINT_PARTS)}")
+    if train.gpu_memory is not None:
+        from ddeseg.memory import parse_bytes
+
+        try:
+            parse_bytes(train.gpu_memory)
+        except DDESegError as error:
+            raise ConfigError(f"train.gpu_memory: {error}") from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -116,6 +116,12 @@ class _SavedTensorCounter:
     def __init__(self, excluded: set[int]):
         self.excluded = excluded
         self.sizes: dict[int, int] = {}
+        # Storages are keyed by address, so every storage seen is held until the count is done:
+        # a segment input that autograd does not save (e.g. `x * 3` saves nothing) would
+        # otherwise be freed after its segment and its address reused by a later saved tensor,
+        # which then counted as the same storage (the count depended on the allocator's state,
+        # i.e. on what the process had run before).
+        self.held: dict[int, torch.UntypedStorage] = {}
         self.root = _Segment()
         self.stack = [self.root]
 
@@ -127,6 +133,7 @@ class _SavedTensorCounter:
         if key in self.excluded or storage.nbytes() == 0:
             return None
         self.sizes[key] = storage.nbytes()
+        self.held[key] = storage
         return key
 
     def pack(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -248,7 +255,8 @@ def profile_activations(
     bank_entries: int = 10,
 ) -> ActivationProfile:
     """Measure `config`'s activation bytes at two micro-batches (`count_saved_tensors`) and fit
-    the line. Cached per (model config, image size, clip length, precision, checkpointing).
+    the line. Cached per (model config, image size, clip length, precision, checkpointing, device
+    type, memory-bank size).
 
     `model`: measure this model (e.g. the trainer's, on its device; its checkpointing setting
     is restored afterwards); default: build one from `config.model` on the CPU. Raises
@@ -259,18 +267,23 @@ def profile_activations(
     if precision not in PRECISIONS:
         raise DDESegError(f"train.precision must be one of {PRECISIONS}, got {precision!r}")
     parts = tuple(sorted(set(checkpointing)))
+    # What the count depends on besides the config: the device type (kernels save different
+    # tensors, e.g. fused attention) and the memory bank's size (the aligners attend over it).
+    device_type = "cpu" if model is None else next(model.parameters()).device.type
+    bank = None if model is None else getattr(model, "memory_bank", None)
+    bank_classes = max(config.model.num_classes, config.model.derived_semantics)
+    bank_shape = tuple(bank.shape) if bank is not None else (bank_classes, bank_entries, config.model.audio_embed_dim)
 
     def key(parts: tuple[str, ...]) -> str:
-        return repr((to_dict(config.model), config.data.image_size, config.data.clip_seconds, precision, parts, batches))
+        return repr((to_dict(config.model), config.data.image_size, config.data.clip_seconds, precision, parts, batches,
+                     device_type, bank_shape))
 
     if key(parts) in _PROFILES:
         return _PROFILES[key(parts)]
     if model is None:
         model = build_model(config.model)
     if getattr(model, "memory_bank", None) is None:
-        dim = config.model.audio_embed_dim
-        classes = max(config.model.num_classes, config.model.derived_semantics)
-        model.set_memory_bank(torch.randn(classes, bank_entries, dim, generator=torch.Generator().manual_seed(0)))
+        model.set_memory_bank(torch.randn(*bank_shape, generator=torch.Generator().manual_seed(0)))
     previous = model.activation_checkpointing()
     model.set_activation_checkpointing(parts)
     device = next(model.parameters()).device

@@ -19,6 +19,13 @@ identical weights (tested on the CPU).
 
 A run folder that already holds a run is refused unless `--resume` (continue it; the config
 must be the run's, see `RESUME_MAY_CHANGE`) or `--overwrite` (replace it) is given.
+
+Memory (`ddeseg.memory`): `train.activation_checkpointing`, SyncBatchNorm under torchrun on CUDA
+(`train.sync_batchnorm`), `train.compile`, and the run's precision (`run_precision`: autocast on
+CUDA; float32 on the CPU unless `train.cpu_autocast`). With `train.gpu_memory` the memory plan
+picks the micro-batch and the accumulation that keep the configured batch
+(`data.batch_size x ranks x train.grad_accum`); the choice is stored in the checkpoints and
+reused by `--resume`, never planned again, so a resumed run stays exact.
 """
 
 from __future__ import annotations
@@ -51,6 +58,16 @@ from ddeseg.engine.recipe import check_run_dir, clear_run_outputs, save_training
 from ddeseg.engine.run_log import RunLog
 from ddeseg.errors import DDESegError
 from ddeseg.losses import SegmentationLoss
+from ddeseg.memory import (
+    BATCHNORM_NOTE,
+    MemoryPlan,
+    autocast,
+    choose_micro_batch,
+    convert_sync_batchnorm,
+    maybe_compile,
+    parse_bytes,
+    plan,
+)
 from ddeseg.models import build_model, load_checkpoint
 from ddeseg.progress import console, training_progress
 
@@ -64,7 +81,10 @@ REPLACED_BY_OVERWRITE = (*RUN_OUTPUTS, "data_errors")
 # task, data, loss, optimizer, seed) must match the run: the weights and the optimizer state are
 # its, and a changed base_lr would be silently ignored by the restored scheduler. Changing
 # data.num_workers changes the sample order, so the resumed run is no longer bit-identical to
-# an uninterrupted one.
+# an uninterrupted one. Activation checkpointing computes the same gradients (memory for time:
+# e.g. resuming on a smaller GPU); gpu_memory is not planned again on resume (the run's micro-
+# batch is kept); memory_plan only prints. Not here: precision, cpu_autocast, sync_batchnorm and
+# compile (other numerics or other random draws).
 RESUME_MAY_CHANGE = (
     "train.steps",
     "train.epochs_equivalent",
@@ -75,6 +95,9 @@ RESUME_MAY_CHANGE = (
     "train.tensorboard",
     "train.wandb",
     "train.wandb_project",
+    "train.activation_checkpointing",
+    "train.gpu_memory",
+    "train.memory_plan",
     "data.num_workers",
     "data.eval_batch_size",
     "eval.",
@@ -143,6 +166,10 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
+    precision: str = "fp32"  # what the run trains in on its device (`run_precision`)
+    setup: dict[str, str] = field(default_factory=dict)  # memory switches, for the start-up table
+    memory_plan: MemoryPlan | None = None  # when planned (`plan_memory`)
+    batch_chosen_for: str | None = None  # the train.gpu_memory budget the micro-batch was chosen for
     run_log: RunLog | None = None  # rank 0 only
     step: int = 0
     best: dict[str, Any] = field(default_factory=lambda: {"miou": -1.0, "fscore": 0.0, "step": -1})
@@ -192,12 +219,26 @@ def learning_rate_factor(step: int, config: Config) -> float:
     )
     return lr / train.base_lr
 
-def autocast_context(device: torch.device, precision: str):
-    """bf16/fp16 autocast on GPU; full precision on the CPU (CPU autocast is slower here)."""
-    if device.type != "cuda" or precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
+
+def run_precision(config: Config, device: torch.device) -> str:
+    """The precision a run trains in on `device`: `train.precision` on CUDA. Elsewhere float32
+    (the CPU default: CPU autocast is slower, and the demo's and the tests' numbers are float32),
+    unless `train.cpu_autocast` asks for bf16 on the CPU. Raises `DDESegError` for fp16 there."""
+    precision = config.train.precision
+    if device.type == "cuda" or precision == "fp32":
+        return precision
+    if not config.train.cpu_autocast or device.type != "cpu":
+        return "fp32"
+    if precision == "fp16":
+        raise DDESegError(
+            "train.precision fp16 needs a CUDA device (train.cpu_autocast applies to bf16): set train.precision=bf16 or fp32"
+        )
+    return precision
+
+
+def configured_batch(config: Config, world_size: int) -> int:
+    """The batch of one optimizer step over all ranks: data.batch_size x ranks x train.grad_accum."""
+    return config.data.batch_size * world_size * config.train.grad_accum
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,7 +285,9 @@ def check_inputs(config: Config, request: TrainRequest, context: DistributedCont
     _check_task_classes(config, index)
     train_shards = index.shards(config.task, "train")
     val_shards = index.shards(config.task, "val") if index.has_split(config.task, "val") else []
-    global_batch = config.data.batch_size * context.world_size
+    run_precision(config, context.device)  # fp16 on the CPU: refused here, before any work
+    # An epoch is one pass over the data: steps of the configured batch (accumulation included).
+    global_batch = configured_batch(config, context.world_size)
     steps_per_epoch = max(1, math.ceil(index.count(config.task, "train", annotated_only=True) / global_batch))
     if config.train.epochs_equivalent is not None:
         # The official schedule is in epochs: derive steps from this dataset's size.
@@ -260,8 +303,26 @@ def check_inputs(config: Config, request: TrainRequest, context: DistributedCont
     payload = None
     if request.resume_path is not None:
         payload = load_training_checkpoint(request.resume_path)
+        reuse_batch_plan(config, payload, context.world_size, request.resume_path)
         check_resume_config(payload.get("config") or {}, config, request.resume_path)
     return TrainInputs(index, train_shards, val_shards, steps_per_epoch, bank, payload)
+
+
+def reuse_batch_plan(config: Config, payload: dict[str, Any], world_size: int, checkpoint: Path) -> None:
+    """On --resume: the run's micro-batch and accumulation, as its checkpoint stores them
+    (`batch_plan`), into `config`; never planned again (another budget or plan would change the
+    micro-batches, and BatchNorm sees each one). The configured batch and ranks must be the run's."""
+    stored = payload.get("batch_plan")
+    if not stored:
+        return  # a checkpoint from before batch plans: its config holds the micro-batch
+    batch = configured_batch(config, world_size)
+    if (stored["batch"], stored["world_size"]) != (batch, world_size):
+        raise DDESegError(
+            f"--resume {checkpoint}: the run's batch is {stored['micro_batch']} x {stored['world_size']} rank(s) x"
+            f" {stored['grad_accum']} accumulation = {stored['batch']}, but this config and {world_size} rank(s) make"
+            f" {batch}: resume with the run's data.batch_size, train.grad_accum and number of ranks"
+        )
+    config.data.batch_size, config.train.grad_accum = stored["micro_batch"], stored["grad_accum"]
 
 
 def _check_task_classes(config: Config, index: ShardIndex) -> None:
@@ -320,6 +381,7 @@ def build_run(config: Config, request: TrainRequest, context: DistributedContext
         filterbank_from = path if report.filterbank_replaced else filterbank_from
         if context.is_main:
             console.print(f"[bold]init[/] {path}: {report.summary()}")
+    model, setup = setup_model(model, config, context)
     model.to(device)
     optimizer = build_optimizer(model, config)
     run = Run(
@@ -333,7 +395,10 @@ def build_run(config: Config, request: TrainRequest, context: DistributedContext
         optimizer=optimizer,
         scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, config)),
         scaler=torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and config.train.precision == "fp16"),
+        precision=run_precision(config, device),
+        setup=setup,
     )
+    plan_memory(run)  # may refuse (nothing fits): still before any write
     if inputs.resume_payload is not None:
         restore_run(run, inputs.resume_payload)
     # The shards' log-mels must come from the filterbank the model now carries (an HTS-AT
@@ -346,7 +411,58 @@ def build_run(config: Config, request: TrainRequest, context: DistributedContext
         run.train_model = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
         )
+    # Checkpoints save `run.model.state_dict()`: the weights without the compiled wrapper's prefix.
+    run.train_model = maybe_compile(run.train_model, config.train.compile)
     return run
+
+
+def setup_model(model: torch.nn.Module, config: Config, context: DistributedContext) -> tuple[torch.nn.Module, dict[str, str]]:
+    """Activation checkpointing (`train.activation_checkpointing`) and, for multi-rank CUDA runs,
+    every BatchNorm -> SyncBatchNorm (`train.sync_batchnorm`, as the official code under DDP).
+    Returns the model and what was set, as rows of the start-up table."""
+    train = config.train
+    model.set_activation_checkpointing(train.activation_checkpointing)
+    batchnorms = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if not train.sync_batchnorm:
+        sync = "off (train.sync_batchnorm false)"
+    elif context.world_size == 1:
+        sync = "off (one rank)"
+    elif context.device.type != "cuda":
+        # PyTorch's SyncBatchNorm runs on CUDA only; gloo ranks normalise with their own batch.
+        sync = f"off: SyncBatchNorm needs CUDA; each of the {context.world_size} CPU ranks keeps its own statistics"
+    else:
+        model = convert_sync_batchnorm(model, True)
+        sync = f"on: {batchnorms} BatchNorm layers over {context.world_size} ranks"
+    return model, {
+        "activation checkpointing": ", ".join(train.activation_checkpointing) or "off",
+        "sync BatchNorm": sync,
+        "compile": "on (torch.compile; the first steps compile)" if train.compile else "off",
+    }
+
+
+def plan_memory(run: Run) -> None:
+    """The run's memory plan (`ddeseg.memory.plan`), measured on its model and device when
+    `train.gpu_memory` is set, `train.memory_plan` is true, or it is null and the device is CUDA
+    (measuring takes seconds on a GPU, minutes for the paper config on the CPU).
+
+    With `train.gpu_memory` on a new run, the micro-batch and accumulation are chosen first
+    (`choose_micro_batch`: the largest that fits, keeping the configured batch) and written into
+    `run.config` (data.batch_size, train.grad_accum); a resumed run keeps its own. Every rank
+    plans alike (the count is a function of the config and the device type). Raises
+    `DDESegError` when even micro-batch 1 does not fit."""
+    config, world = run.config, run.context.world_size
+    train = config.train
+    wanted = train.memory_plan if train.memory_plan is not None else run.device.type == "cuda"
+    if train.gpu_memory is None and not wanted:
+        return
+    parts = run.model.activation_checkpointing()
+    if train.gpu_memory is not None and run.inputs.resume_payload is None:
+        config.data.batch_size, train.grad_accum = choose_micro_batch(
+            config, parse_bytes(train.gpu_memory), configured_batch(config, world), world,
+            precision=run.precision, checkpointing=parts, model=run.model,
+        )
+        run.batch_chosen_for = train.gpu_memory
+    run.memory_plan = plan(config, config.data.batch_size, run.precision, parts, world_size=world, model=run.model)
 
 
 def restore_run(run: Run, payload: dict[str, Any]) -> None:
@@ -373,7 +489,7 @@ def start_run_dir(run: Run) -> None:
         clear_run_outputs(out_dir, REPLACED_BY_OVERWRITE)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, out_dir / "config.yaml")
-    _print_start_summary(config, run.inputs.index, run.model, run.context, run.inputs.steps_per_epoch, run.inputs.val_shards)
+    _print_start_summary(run)
     run.run_log = RunLog(
         out_dir,
         tensorboard=config.train.tensorboard,
@@ -459,7 +575,7 @@ def train_step(run: Run, micro_batches: Iterable[dict[str, Any]]) -> bool:
         # DDP only syncs gradients on the last micro-batch of an accumulation.
         last_micro = count == grad_accum
         sync = run.train_model.no_sync() if (run.context.is_distributed and not last_micro) else contextlib.nullcontext()
-        with sync, autocast_context(run.device, config.train.precision):
+        with sync, autocast(run.device.type, run.precision):
             logits = run.train_model(batch["image"], batch["logmel"])
             loss, parts = run.loss_fn(logits.float(), batch["mask"])
         run.scaler.scale(loss / grad_accum).backward()
@@ -541,6 +657,14 @@ def save_checkpoint(run: Run, name: str) -> None:
             "best": run.best,
             "config": to_dict(run.config),
             "classes": run.inputs.index.class_names(),
+            # The micro-batch and accumulation this run steps with: --resume reuses them.
+            "batch_plan": {
+                "micro_batch": run.config.data.batch_size,
+                "grad_accum": run.config.train.grad_accum,
+                "world_size": run.context.world_size,
+                "batch": configured_batch(run.config, run.context.world_size),
+                "gpu_memory": run.config.train.gpu_memory,
+            },
         },
         run.context,
     )
@@ -567,23 +691,42 @@ def _scalars(result: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in result.items() if isinstance(v, (int, float))}
 
 
-def _print_start_summary(config, index, model, context, steps_per_epoch, val_shards) -> None:
+def _print_start_summary(run: Run) -> None:
     from rich.table import Table
 
+    config, context, model, index = run.config, run.context, run.model, run.inputs.index
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     table = Table(title=f"ddeseg train: {config.task}", show_header=False)
     table.add_row("train samples", str(index.count(config.task, "train", annotated_only=True)))
-    table.add_row("val samples", str(index.count(config.task, "val")) if val_shards else "none (best.pt not written)")
+    table.add_row("val samples", str(index.count(config.task, "val")) if run.inputs.val_shards else "none (best.pt not written)")
     table.add_row("model", f"{total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable")
     table.add_row("devices", f"{context.world_size} x {context.device}")
+    table.add_row("precision", _precision_text(run))
+    chosen = f" (micro-batch chosen for train.gpu_memory {run.batch_chosen_for})" if run.batch_chosen_for else ""
     table.add_row(
         "batch",
         f"{config.data.batch_size} x {context.world_size} ranks x {config.train.grad_accum} accumulation"
-        f" = {config.data.batch_size * context.world_size * config.train.grad_accum}",
+        f" = {configured_batch(config, context.world_size)}{chosen}",
     )
-    table.add_row("steps", f"{config.train.steps} ({steps_per_epoch} per epoch)")
+    table.add_row("steps", f"{config.train.steps} ({run.inputs.steps_per_epoch} per epoch)")
+    for label, value in run.setup.items():
+        table.add_row(label, value)
+    if run.memory_plan is not None:
+        for label, value in run.memory_plan.rows():
+            table.add_row(label, value)
+    else:
+        table.add_row("memory plan", "not measured on this device (train.memory_plan=true or --memory-plan to measure)")
+    if config.train.grad_accum > 1:
+        table.add_row("note", BATCHNORM_NOTE)
     console.print(table)
+
+
+def _precision_text(run: Run) -> str:
+    asked = run.config.train.precision
+    if run.precision == asked:
+        return asked
+    return f"{run.precision} (train.precision {asked} is for CUDA; train.cpu_autocast=true for bf16 on the CPU)"
 
 
 def _print_end_summary(summary: dict[str, Any], out_dir: Path) -> None:
