@@ -75,16 +75,15 @@ BASELINE_AUGMENTS = ("ours", "official")
 
 def build_data(work: Path, videos: int, image_size: int, cfg: Any) -> tuple[Path, Path, dict[str, float]]:
     """Raw `ddeseg`-layout dataset and its shards under `work`; returns (raw, shards, seconds)."""
-    from ddeseg.pipelines.prepare import PrepareOptions, prepare
+    from ddeseg.pipelines.prepare import PreparePaths, prepare
     from ddeseg.pipelines.sources.synthetic import generate
+    from ddeseg.stage import RunOptions
 
     raw, shards = work / "raw", work / "shards"
     started = time.perf_counter()
     generate("ddeseg", raw, videos=videos, classes=SYNTH_CLASSES, seed=0, image_size=image_size, tasks=[TASK])
     generated = time.perf_counter()
-    prepare(
-        PrepareOptions(layout="ddeseg", root=raw, out=shards, tasks=[TASK], device="cpu", progress=False), cfg
-    )
+    prepare(cfg, PreparePaths(layout="ddeseg", root=raw, out=shards, tasks=[TASK]), RunOptions(device="cpu", progress=False))
     return raw, shards, {"generate_s": generated - started, "prepare_s": time.perf_counter() - generated}
 
 

@@ -119,12 +119,13 @@ def write_checkpoint(path: Path) -> Path:
 def child_predict(video: Path, checkpoint: Path, out: Path, frames_per_second: float, threads: int) -> dict:
     import torch
 
-    from ddeseg.engine.predict import PredictRequest, load_predictor, predict_to_directory
+    from ddeseg.engine.predict import PredictPaths, load_predictor, predict_to_directory
+    from ddeseg.stage import ConfigSource
 
     if threads:
         torch.set_num_threads(threads)
     started = time.perf_counter()
-    model, config, names, _ = load_predictor(PredictRequest(checkpoint=checkpoint, videos=[video], out_dir=out, device="cpu"))
+    model, config, names, _ = load_predictor(ConfigSource(), PredictPaths(checkpoint, [video], out), device="cpu")
     loaded = time.perf_counter()
     idle = peak_rss_mb()
     result = predict_to_directory(video, model, config, names, out / video.stem, frames_per_second=frames_per_second)

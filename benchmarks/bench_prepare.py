@@ -29,15 +29,14 @@ from pathlib import Path
 def child(root: str, out: str, workers: int, samples_per_shard: int) -> None:
     """Prepare `root` into `out` in this (fresh) process; print one json line of measurements."""
     from ddeseg.config import Config
-    from ddeseg.pipelines.prepare import PrepareOptions, prepare
+    from ddeseg.pipelines.prepare import PreparePaths, prepare
+    from ddeseg.stage import RunOptions
 
     config = Config()
     config.data.samples_per_shard = samples_per_shard
+    config.prepare.workers = workers
     started = time.perf_counter()
-    result = prepare(
-        PrepareOptions(layout="avsbench", root=Path(root), out=Path(out), workers=workers, progress=False),
-        config,
-    )
+    result = prepare(config, PreparePaths(layout="avsbench", root=Path(root), out=Path(out)), RunOptions(progress=False))
     elapsed = time.perf_counter() - started
     samples = sum(sum(splits.values()) for splits in result.counts.values())
     print(

@@ -6,17 +6,18 @@ from pathlib import Path
 
 import typer
 
+from ddeseg.cli import options
 from ddeseg.cli.app import app
 
 
 @app.command("demo")
 def demo_command(
-    out: Path = typer.Option(Path("demo-out"), "--out", help="Folder for everything the demo writes (raw data, shards, runs, report)."),
+    out: Path = typer.Option(Path("demo-out"), "--out", help="Folder for everything the demo writes (raw data, shards, runs, report, config.yaml)."),
     minutes: float = typer.Option(6.0, "--minutes", min=0.1, help="Rough pipeline budget on 2 CPU cores; data and steps scale with it (small budgets still synthesise enough videos for every class to have training frames)."),
     classes: int = typer.Option(8, "--classes", min=2, max=20, help="Synthetic object/sound classes."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the data and of training."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the data, of training and of the memory bank's K-Means."),
     config: str = typer.Option("demo", "--config", help="Config YAML (path, or a bundled name)."),
-    override: list[str] = typer.Option([], "--set", help="Config override, e.g. --set data.image_size=96 (repeatable)."),
+    override: list[str] = options.set_option("data.image_size=96"),
 ) -> None:
     """Run synth -> prepare -> pretrain-audio -> build-memory-bank -> train -> evaluate (with
     shuffled- and silent-audio controls) and write OUT/report.html, OUT/report.md, OUT/eval.json.
@@ -25,6 +26,9 @@ def demo_command(
 
         ddeseg demo --out demo-out
     """
-    from ddeseg.pipelines.demo import DemoPlan, run_demo
+    from ddeseg.pipelines.demo import DemoPaths, DemoPlan, demo_config, run_demo
 
-    run_demo(out, DemoPlan.for_minutes(minutes, classes=classes, seed=seed, overrides=list(override)), config)
+    plan = DemoPlan.for_minutes(minutes, classes=classes, seed=seed, overrides=list(override))
+    resolved = demo_config(plan, config)  # a bad --config or --set fails here, before anything is written
+    with options.exit_130_on_interrupt():
+        run_demo(resolved, DemoPaths(out), plan)

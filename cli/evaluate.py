@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from ddeseg.cli import options
 from ddeseg.cli.app import app
 
 EPILOG = """\
@@ -42,44 +43,41 @@ class AudioControlChoice(str, Enum):  # the values of ddeseg.engine.evaluate.AUD
 
 @app.command("evaluate", no_args_is_help=True, epilog=EPILOG)
 def evaluate_command(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="best.pt/last.pt from `ddeseg train`, or an official DDESeg checkpoint (then --config and --memory-bank)."),
-    shards: Path = typer.Option(..., "--shards", exists=True, file_okay=False, help="Shard directory written by `ddeseg prepare`."),
-    out: Path = typer.Option(..., "--out", help="Output directory: eval.json, eval.md, pictures/."),
-    task: str | None = typer.Option(None, "--task", help="Task to evaluate (v1s, v1m, v2, VPO-SS, VPO-MS, VPO-MSMI); default: the checkpoint's config."),
-    split: str = typer.Option("test", "--split", help="Split to evaluate: test, val or train."),
-    audio_control: AudioControlChoice = typer.Option(AudioControlChoice.none, "--audio-control", help="none; shuffled (each frame gets another frame's audio from its batch); silent (the log-mel of a zero waveform). The drop from `none` shows how much the model listens."),
-    config: Path | None = typer.Option(None, "--config", exists=True, dir_okay=False, help="Config YAML: required for official checkpoints; replaces the config stored in ours."),
-    memory_bank: Path | None = typer.Option(None, "--memory-bank", exists=True, dir_okay=False, help="bank.npy for checkpoints without a memory bank (official ones); replaces a stored one."),
-    pictures: int | None = typer.Option(None, "--pictures", min=0, help="Frames to draw (the first by key); default eval.pictures of the config."),
-    worst: int | None = typer.Option(None, "--worst", min=0, help="Frames on the worst-frames contact sheet; default eval.worst_frames."),
-    batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Frames per batch; default data.eval_batch_size."),
-    workers: int | None = typer.Option(None, "--workers", min=0, help="Loader workers per process; default data.num_workers."),
-    device: str | None = typer.Option(None, "--device", help="cpu, cuda or cuda:N; default: the local GPU when present."),
-    override: list[str] = typer.Option([], "--set", help="Config override, e.g. --set data.eval_batch_size=8 (repeatable)."),
+    checkpoint: Path = options.checkpoint_option(),
+    shards: Path = options.shards_option(),
+    out: Path = typer.Option(..., "--out", help="Output directory: eval.json, eval.md, pictures/, config.yaml."),
+    task: str | None = options.task_option("Task to evaluate (v1s, v1m, v2, VPO-SS, VPO-MS, VPO-MSMI); default: the checkpoint's config."),
+    split: str | None = typer.Option(None, "--split", help="Split to evaluate: test, val or train. (config: eval.split, default test)"),
+    audio_control: AudioControlChoice | None = typer.Option(None, "--audio-control", help="none; shuffled (each frame gets another frame's audio from its batch); silent (the log-mel of a zero waveform). The drop from `none` shows how much the model listens. (config: eval.audio_control, default none)"),
+    config: Path | None = options.inference_config_option(),
+    memory_bank: Path | None = options.inference_bank_option(),
+    pictures: int | None = typer.Option(None, "--pictures", min=0, help="Frames to draw (the first by key). (config: eval.pictures)"),
+    worst: int | None = typer.Option(None, "--worst", min=0, help="Frames on the worst-frames contact sheet. (config: eval.worst_frames)"),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Frames per batch. (config: data.eval_batch_size)"),
+    workers: int | None = typer.Option(None, "--workers", min=0, help="Loader workers per process. (config: data.num_workers)"),
+    device: str | None = options.device_option(),
+    override: list[str] = options.set_option("data.eval_batch_size=8"),
     allow_partial: bool = typer.Option(False, "--allow-partial", help="Exit 0 even when frames of the split could not be scored (eval.json still says \"partial\": true)."),
+    quiet: bool = options.quiet_option(),
 ) -> None:
     """Score a checkpoint on a split with the DDESeg and AVSBench protocols, in one process or under torchrun."""
     from ddeseg.distributed import init_distributed, shutdown_distributed
-    from ddeseg.engine.evaluate import EvaluateRequest, run_evaluation
+    from ddeseg.engine.evaluate import EvaluatePaths, run_evaluation
+    from ddeseg.stage import ConfigSource
 
-    request = EvaluateRequest(
-        checkpoint=checkpoint,
-        shards_dir=shards,
-        out_dir=out,
-        task=task,
-        split=split,
-        audio_control=audio_control.value,
-        config_path=config,
-        overrides=list(override),
-        memory_bank=memory_bank,
-        pictures=pictures,
-        worst_frames=worst,
-        batch_size=batch_size,
-        num_workers=workers,
-    )
+    settings = {
+        "task": task,
+        "eval.split": split,
+        "eval.audio_control": audio_control,
+        "eval.pictures": pictures,
+        "eval.worst_frames": worst,
+        "data.eval_batch_size": batch_size,
+        "data.num_workers": workers,
+    }
+    source = ConfigSource(config, tuple(options.stage_overrides(override, settings)))
     context = init_distributed(device)
     try:
-        report = run_evaluation(request, context)
+        report = run_evaluation(source, EvaluatePaths(checkpoint, shards, out, memory_bank), context, progress=not quiet)
     finally:
         shutdown_distributed()
     if report["partial"] and not allow_partial:

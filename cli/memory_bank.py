@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 
+from ddeseg.cli import options
 from ddeseg.cli.app import app
 
 
@@ -28,66 +29,24 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 @app.command("build-memory-bank", no_args_is_help=True)
 def build_memory_bank_command(
     shards: Path = typer.Option(..., "--shards", help="Prepared directory (SHARDS_DIR) of `ddeseg prepare`."),
-    k: int = typer.Option(128, "--k", min=1, help="Centroids (K-Means clusters) per class."),
-    out: Path = typer.Option(
-        ..., "--out", help="Output folder (BANK_DIR): bank.npy, bank.json, embeddings.parquet."
-    ),
-    config: Path | None = typer.Option(
-        None,
-        "--config",
-        exists=True,
-        dir_okay=False,
-        help="Config YAML (model, and task as the default of --task); default: the built-in defaults.",
-    ),
-    audio_checkpoint: Path | None = typer.Option(
-        None,
-        "--audio-checkpoint",
-        exists=True,
-        dir_okay=False,
-        help="Weights of the frozen audio backbone (e.g. RUN_DIR/last.pt of `ddeseg pretrain-audio`).",
-    ),
-    task: str | None = typer.Option(
-        None,
-        "--task",
-        help="Task whose training shards are read (v1s, v1m, v2, VPO-*); default: the config's.",
-    ),
-    reuse_embeddings: bool = typer.Option(
-        False,
-        "--reuse-embeddings",
-        help="Re-cluster BANK_DIR/embeddings.parquet of an earlier run instead of embedding again.",
-    ),
-    niter: int = typer.Option(25, "--niter", min=1, help="K-Means iterations."),
-    nredo: int = typer.Option(1, "--nredo", min=1, help="K-Means restarts; the best is kept."),
-    seed: int = typer.Option(0, "--seed", help="K-Means random seed (same seed, same bank on the CPU)."),
-    spherical: bool = typer.Option(
-        False, "--spherical", help="Cosine K-Means: normalised embeddings, unit-length centroids."
-    ),
-    include_multi_source: bool = typer.Option(
-        False,
-        "--include-multi-source",
-        help="Also use samples with several sounding classes, for each of their classes.",
-    ),
-    silence_row: bool = typer.Option(
-        False,
-        "--silence-row",
-        help="Cluster silent samples into the background row (otherwise it is filled like a missing class).",
-    ),
-    allow_missing_classes: bool = typer.Option(
-        False, "--allow-missing-classes", help="Fill classes without any sample instead of failing."
-    ),
-    missing_fill: MissingFill = typer.Option(
-        MissingFill.global_mean,
-        "--missing-fill",
-        help="Row of a class without samples: global_mean or zeros.",
-    ),
-    device: str | None = typer.Option(
-        None, "--device", help="cpu, cuda or cuda:N (embedding and FAISS); default: the GPU when present."
-    ),
-    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Clips per embedding batch."),
-    override: list[str] = typer.Option(
-        [], "--set", help="Config override, e.g. --set model.audio.depths=[2,2,6,2] (repeatable)."
-    ),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    k: int | None = typer.Option(None, "--k", min=1, help="Centroids (K-Means clusters) per class. (config: memory_bank.k, default 128)"),
+    out: Path = typer.Option(..., "--out", help="Output folder (BANK_DIR): bank.npy, bank.json, embeddings.parquet, config.yaml."),
+    config: Path | None = options.config_option("Config YAML (memory_bank, model, and task as the default of --task); default: the built-in defaults."),
+    audio_checkpoint: Path | None = typer.Option(None, "--audio-checkpoint", exists=True, dir_okay=False, help="Weights of the frozen audio backbone (e.g. RUN_DIR/audio.pt of `ddeseg pretrain-audio`)."),
+    task: str | None = options.task_option("Task whose training shards are read (v1s, v1m, v2, VPO-*); default: the config's."),
+    reuse_embeddings: bool = typer.Option(False, "--reuse-embeddings", help="Re-cluster BANK_DIR/embeddings.parquet of an earlier run instead of embedding again."),
+    niter: int | None = typer.Option(None, "--niter", min=1, help="K-Means iterations. (config: memory_bank.niter, default 25)"),
+    nredo: int | None = typer.Option(None, "--nredo", min=1, help="K-Means restarts; the best is kept. (config: memory_bank.nredo, default 1)"),
+    seed: int | None = typer.Option(None, "--seed", help="K-Means random seed (same seed, same bank on the CPU). (config: memory_bank.seed, default 0)"),
+    spherical: bool | None = typer.Option(None, "--spherical", help="Cosine K-Means: normalised embeddings, unit-length centroids. (config: memory_bank.spherical)"),
+    include_multi_source: bool | None = typer.Option(None, "--include-multi-source", help="Also use samples with several sounding classes, for each of their classes. (config: memory_bank.include_multi_source)"),
+    silence_row: bool | None = typer.Option(None, "--silence-row", help="Cluster silent samples into the background row (otherwise it is filled like a missing class). (config: memory_bank.silence_row)"),
+    allow_missing_classes: bool | None = typer.Option(None, "--allow-missing-classes", help="Fill classes without any sample instead of failing. (config: memory_bank.allow_missing_classes)"),
+    missing_fill: MissingFill | None = typer.Option(None, "--missing-fill", help="Row of a class without samples: global_mean or zeros. (config: memory_bank.missing_fill, default global_mean)"),
+    device: str | None = options.device_option("Embedding and FAISS device: "),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Clips per embedding batch. (config: memory_bank.batch_size, default 64)"),
+    override: list[str] = options.set_option("memory_bank.k=64"),
+    quiet: bool = options.quiet_option(),
 ) -> None:
     """Training shards -> per-class K-Means audio memory bank (BANK_DIR/bank.npy: classes x k x dim, float32).
 
@@ -95,7 +54,7 @@ def build_memory_bank_command(
 
     Examples:
 
-        ddeseg build-memory-bank --shards shards/avs --k 128 --out bank/v2 --config configs/v2.yaml --audio-checkpoint runs/audio/last.pt
+        ddeseg build-memory-bank --shards shards/avs --k 128 --out bank/v2 --config configs/v2.yaml --audio-checkpoint runs/audio/audio.pt
 
         ddeseg build-memory-bank --shards shards/avs --k 64 --out bank/v2 --reuse-embeddings
 
@@ -104,31 +63,25 @@ def build_memory_bank_command(
     from rich.console import Console
 
     from ddeseg.config import load_config
-    from ddeseg.pipelines.memory_bank import build_memory_bank, summary_table
+    from ddeseg.pipelines.memory_bank import MemoryBankPaths, build_memory_bank, summary_table
+    from ddeseg.stage import RunOptions
 
-    with warnings.catch_warnings():  # restores the usual warning printer afterwards
+    settings = {
+        "task": task,
+        "memory_bank.k": k,
+        "memory_bank.niter": niter,
+        "memory_bank.nredo": nredo,
+        "memory_bank.seed": seed,
+        "memory_bank.spherical": spherical,
+        "memory_bank.include_multi_source": include_multi_source,
+        "memory_bank.silence_row": silence_row,
+        "memory_bank.allow_missing_classes": allow_missing_classes,
+        "memory_bank.missing_fill": missing_fill,
+        "memory_bank.batch_size": batch_size,
+    }
+    resolved = load_config(config, options.stage_overrides(override, settings))
+    paths = MemoryBankPaths(shards, out, audio_checkpoint=audio_checkpoint, reuse_embeddings=reuse_embeddings)
+    with warnings.catch_warnings(), options.exit_130_on_interrupt():  # restores the usual warning printer afterwards
         warnings.showwarning = _one_line_warning
-        try:
-            result = build_memory_bank(
-                shards,
-                out,
-                k,
-                config=load_config(config, list(override)),
-                audio_checkpoint=audio_checkpoint,
-                task=task,
-                reuse_embeddings=reuse_embeddings,
-                niter=niter,
-                nredo=nredo,
-                seed=seed,
-                spherical=spherical,
-                include_multi_source=include_multi_source,
-                silence_row=silence_row,
-                allow_missing_classes=allow_missing_classes,
-                missing_fill=missing_fill.value,
-                device=device,
-                batch_size=batch_size,
-                progress=not quiet,
-            )
-        except KeyboardInterrupt:
-            raise typer.Exit(130) from None
+        result = build_memory_bank(resolved, paths, RunOptions(device=device, progress=not quiet))
     Console().print(summary_table(result))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from ddeseg.cli import options
 from ddeseg.cli.app import app
 
 EPILOG = """\
@@ -32,34 +33,31 @@ that is a file) exits 2 with one line; a run that writes no video leaves no OUT 
 @app.command("predict", no_args_is_help=True, epilog=EPILOG)
 def predict_command(
     videos: list[Path] = typer.Argument(..., metavar="VIDEO", help="Video files with sound (any format FFmpeg reads).", show_default=False),
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="best.pt/last.pt from `ddeseg train`, or an official DDESeg checkpoint (then --config and --memory-bank)."),
-    out: Path = typer.Option(..., "--out", help="Output directory: one folder per video."),
-    frames_per_second: float = typer.Option(1.0, "--frames-per-second", "-f", min=0.0, help="Frames sampled per second of video (default 1, as the benchmarks annotate); above a video's frame rate it is capped at that rate, with a warning (more samples would only repeat frames)."),
-    device: str | None = typer.Option(None, "--device", help="cpu, cuda or cuda:N; default: the local GPU when present."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Frames per forward pass."),
+    checkpoint: Path = options.checkpoint_option(),
+    out: Path = typer.Option(..., "--out", help="Output directory: one folder per video, and config.yaml."),
+    frames_per_second: float | None = typer.Option(None, "--frames-per-second", "-f", min=0.0, help="Frames sampled per second of video (default 1, as the benchmarks annotate); above a video's frame rate it is capped at that rate, with a warning (more samples would only repeat frames). (config: predict.frames_per_second)"),
+    device: str | None = options.device_option(),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Frames per forward pass. (config: predict.batch_size, default 8)"),
     classes: Path | None = typer.Option(None, "--classes", exists=True, dir_okay=False, help="classes.json (from `ddeseg prepare`) or a JSON list of names, for checkpoints without a class list."),
-    config: Path | None = typer.Option(None, "--config", exists=True, dir_okay=False, help="Config YAML: required for official checkpoints; replaces the config stored in ours."),
-    memory_bank: Path | None = typer.Option(None, "--memory-bank", exists=True, dir_okay=False, help="bank.npy for checkpoints without a memory bank (official ones); replaces a stored one."),
-    allow_no_audio: bool = typer.Option(False, "--allow-no-audio", help="Predict videos without an audio track with silence (said so in predictions.json) instead of failing."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    config: Path | None = options.inference_config_option(),
+    memory_bank: Path | None = options.inference_bank_option(),
+    allow_no_audio: bool | None = typer.Option(None, "--allow-no-audio", help="Predict videos without an audio track with silence (said so in predictions.json) instead of failing. (config: predict.allow_no_audio)"),
+    override: list[str] = options.set_option("predict.batch_size=4"),
+    quiet: bool = options.quiet_option(),
 ) -> None:
     """Segment the sounding objects in your own videos: masks, overlays, an overlay MP4 with sound, predictions.json."""
-    from ddeseg.engine.predict import PredictRequest, run_predict
+    from ddeseg.engine.predict import PredictPaths, run_predict
+    from ddeseg.stage import ConfigSource, RunOptions
 
+    settings = {
+        "predict.frames_per_second": frames_per_second,
+        "predict.batch_size": batch_size,
+        "predict.allow_no_audio": allow_no_audio,
+    }
     results = run_predict(
-        PredictRequest(
-            checkpoint=checkpoint,
-            videos=list(videos),
-            out_dir=out,
-            frames_per_second=frames_per_second,
-            device=device,
-            batch_size=batch_size,
-            classes_file=classes,
-            config_path=config,
-            memory_bank=memory_bank,
-            allow_no_audio=allow_no_audio,
-            show_progress=not quiet,
-        )
+        ConfigSource(config, tuple(options.stage_overrides(override, settings))),
+        PredictPaths(checkpoint, list(videos), out, classes=classes, memory_bank=memory_bank),
+        RunOptions(device=device, progress=not quiet),
     )
     if any(result.error is not None for result in results):
         raise typer.Exit(1)

@@ -1,4 +1,4 @@
-"""`ddeseg prepare`: parse arguments, build the config, call `ddeseg.pipelines.prepare.prepare`."""
+"""`ddeseg prepare`: parse arguments, build the config (`prepare` section), call `ddeseg.pipelines.prepare.prepare`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from ddeseg.cli import options
 from ddeseg.cli.app import app
 
 
@@ -31,62 +32,23 @@ class AVSBenchPart(str, Enum):
 def prepare_command(
     layout: Layout = typer.Option(..., "--layout", help="Raw layout: avsbench (original AVSBench releases), ddeseg (DDESeg reorganised AVSS/VPO), vpo (original VPO); see docs/datasets.md."),
     root: Path = typer.Option(..., "--root", help="Raw dataset folder (RAW_DIR)."),
-    out: Path = typer.Option(
-        ...,
-        "--out",
-        help="Output folder (SHARDS_DIR): shards, manifest.parquet, classes.json, prepare.json, rejects.jsonl.",
-    ),
-    tasks: str | None = typer.Option(
-        None,
-        "--tasks",
-        help="Comma-separated tasks: v1s,v1m,v2 and/or VPO-SS,VPO-MS,VPO-MSMI; default: every task found under --root.",
-    ),
-    config: Path | None = typer.Option(
-        None,
-        "--config",
-        exists=True,
-        dir_okay=False,
-        help="Config YAML (model.frontend, data.clip_seconds, data.samples_per_shard, data.vpo_audio); default: the built-in defaults, Config().",
-    ),
-    workers: int = typer.Option(
-        1,
-        "--workers",
-        min=1,
-        help="Processes that read and check frames; the output is the same for any number.",
-    ),
-    on_error: OnError = typer.Option(
-        OnError.skip,
-        "--on-error",
-        help="skip: list bad frames in rejects.jsonl and go on; fail: stop at the first one.",
-    ),
-    overwrite: bool = typer.Option(
-        False,
-        "--overwrite",
-        help="Replace everything an earlier prepare wrote to --out (all tasks), instead of keeping its finished shards and the other tasks' shards.",
-    ),
-    export_bbox_json: bool = typer.Option(
-        False,
-        "--export-bbox-json",
-        help="Also write SHARDS_DIR/bbox/{avss,vpo}_bbox_orisize.json in the official DDESeg form.",
-    ),
-    avsbench_part: AVSBenchPart = typer.Option(
-        AVSBenchPart.auto,
-        "--avsbench-part",
-        help="avsbench layout: auto (AVSBench-semantic where it lists a subset, else AVSBench-object), semantic or object.",
-    ),
-    device: str | None = typer.Option(
-        None, "--device", help="Log-mel device (cpu, cuda, cuda:N); default: the GPU when present."
-    ),
+    out: Path = typer.Option(..., "--out", help="Output folder (SHARDS_DIR): shards, manifest.parquet, classes.json, prepare.json, rejects.jsonl, config.yaml."),
+    tasks: str | None = typer.Option(None, "--tasks", help="Comma-separated tasks: v1s,v1m,v2 and/or VPO-SS,VPO-MS,VPO-MSMI; default: every task found under --root."),
+    config: Path | None = options.config_option("Config YAML (prepare, model.frontend, data.clip_seconds, data.samples_per_shard, data.vpo_audio); default: the built-in defaults, Config()."),
+    workers: int | None = typer.Option(None, "--workers", min=1, help="Processes that read and check frames; the output is the same for any number. (config: prepare.workers, default 1)"),
+    on_error: OnError | None = typer.Option(None, "--on-error", help="skip: list bad frames in rejects.jsonl and go on; fail: stop at the first one. (config: prepare.on_error, default skip)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace everything an earlier prepare wrote to --out (all tasks), instead of keeping its finished shards and the other tasks' shards."),
+    export_bbox_json: bool | None = typer.Option(None, "--export-bbox-json", help="Also write SHARDS_DIR/bbox/{avss,vpo}_bbox_orisize.json in the official DDESeg form. (config: prepare.export_bbox_json)"),
+    avsbench_part: AVSBenchPart | None = typer.Option(None, "--avsbench-part", help="avsbench layout: auto (AVSBench-semantic where it lists a subset, else AVSBench-object), semantic or object. (config: prepare.avsbench_part, default auto)"),
+    device: str | None = options.device_option("Log-mel device: "),
     audio_checkpoint: Path | None = typer.Option(
         None,
         "--audio-checkpoint",
         dir_okay=False,
         help="HTS-AT or full DDESeg checkpoint whose mel filterbank (logmel_extractor.melW, and STFT kernels) makes the log-mels instead of the config's. Use it with the checkpoint you will pass to `ddeseg train --init` or `build-memory-bank --audio-checkpoint`: the official model's filterbank comes from the HTS-AT checkpoint (its yaml's fmax 50 gives NaNs), and loading it replaces the model's. Not needed for `ddeseg pretrain-audio` checkpoints (they carry the config's filterbank).",
     ),
-    override: list[str] = typer.Option(
-        [], "--set", help="Config override, e.g. --set data.samples_per_shard=512 (repeatable)."
-    ),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    override: list[str] = options.set_option("data.samples_per_shard=512"),
+    quiet: bool = options.quiet_option(),
 ) -> None:
     """Raw AVSBench / DDESeg / VPO dataset -> unified WebDataset shards (log-mel, boxes).
 
@@ -103,24 +65,23 @@ def prepare_command(
     from rich.console import Console
 
     from ddeseg.config import load_config
-    from ddeseg.pipelines.prepare import PrepareOptions, prepare, summary_table
+    from ddeseg.pipelines.prepare import PreparePaths, prepare, summary_table
+    from ddeseg.stage import RunOptions
 
-    options = PrepareOptions(
+    settings = {
+        "prepare.workers": workers,
+        "prepare.on_error": on_error,
+        "prepare.export_bbox_json": export_bbox_json,
+        "prepare.avsbench_part": avsbench_part,
+    }
+    resolved = load_config(config, options.stage_overrides(override, settings))
+    paths = PreparePaths(
         layout=layout.value,
         root=root,
         out=out,
         tasks=[task.strip() for task in tasks.split(",") if task.strip()] if tasks else None,
-        workers=workers,
-        on_error=on_error.value,
-        overwrite=overwrite,
-        export_bbox_json=export_bbox_json,
-        device=device,
         audio_checkpoint=audio_checkpoint,
-        source_options={"part": avsbench_part.value} if layout is Layout.avsbench else {},
-        progress=not quiet,
     )
-    try:
-        result = prepare(options, load_config(config, list(override)))
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
+    with options.exit_130_on_interrupt():
+        result = prepare(resolved, paths, RunOptions(device=device, progress=not quiet, overwrite=overwrite))
     Console().print(summary_table(result))

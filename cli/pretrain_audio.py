@@ -1,4 +1,4 @@
-"""`ddeseg pretrain-audio`: parse arguments, build the config, call the recipe."""
+"""`ddeseg pretrain-audio`: parse arguments, build the config (`pretrain_audio` section), call the recipe."""
 
 from __future__ import annotations
 
@@ -6,18 +6,20 @@ from pathlib import Path
 
 import typer
 
+from ddeseg.cli import options
 from ddeseg.cli.app import app
 
 
 @app.command("pretrain-audio", no_args_is_help=True)
 def pretrain_audio_command(
-    shards: Path = typer.Option(..., "--shards", exists=True, file_okay=False, help="Shard directory written by `ddeseg prepare`."),
-    config: Path = typer.Option(..., "--config", exists=True, dir_okay=False, help="Config YAML; its model.audio/frontend sections define the backbone and its pretrain_audio section the recipe."),
+    shards: Path = options.shards_option(),
+    config: Path = options.config_option("Config YAML; its model.audio/frontend sections define the backbone and its pretrain_audio section the recipe.", required=True),
     out: Path = typer.Option(..., "--out", help="Run directory: audio.pt, metrics.jsonl, config.yaml."),
-    task: str | None = typer.Option(None, "--task", help="Task whose training shards to learn from (default: the config's)."),
-    steps: int | None = typer.Option(None, "--steps", min=1, help="Optimizer steps (overrides pretrain_audio.steps)."),
-    device: str | None = typer.Option(None, "--device", help="cpu, cuda or cuda:N; default: the GPU when present."),
-    override: list[str] = typer.Option([], "--set", help="Config override, e.g. --set pretrain_audio.base_lr=5e-4 (repeatable)."),
+    task: str | None = options.task_option("Task whose training shards to learn from (default: the config's)."),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="Optimizer steps. (config: pretrain_audio.steps)"),
+    device: str | None = options.device_option(),
+    override: list[str] = options.set_option("pretrain_audio.base_lr=5e-4"),
+    quiet: bool = options.quiet_option(),
 ) -> None:
     """Train the HTS-AT audio backbone as a multi-label sound-event classifier on the prepared
     training shards (labels: the classes in each frame's mask). The checkpoint is what
@@ -28,12 +30,9 @@ def pretrain_audio_command(
         ddeseg pretrain-audio --shards shards/ --config configs/tiny.yaml --out runs/audio --steps 300
     """
     from ddeseg.config import load_config
-    from ddeseg.distributed import resolve_device
-    from ddeseg.engine.pretrain_audio import pretrain_audio
+    from ddeseg.engine.pretrain_audio import PretrainAudioPaths, pretrain_audio
+    from ddeseg.stage import RunOptions
 
-    overrides = list(override)
-    if task:
-        overrides.append(f"task={task}")
-    if steps:
-        overrides.append(f"pretrain_audio.steps={steps}")
-    pretrain_audio(load_config(config, overrides), shards, out, resolve_device(device))
+    resolved = load_config(config, options.stage_overrides(override, {"task": task, "pretrain_audio.steps": steps}))
+    with options.exit_130_on_interrupt():
+        pretrain_audio(resolved, PretrainAudioPaths(shards, out), RunOptions(device=device, progress=not quiet))

@@ -30,49 +30,18 @@ def _split_list(text: str | None) -> list[str]:
 
 @app.command("synth", epilog=EPILOG)
 def synth(
-    layout: str = typer.Option(
-        ...,
-        help=f"Raw layout to write: {', '.join(LAYOUTS)}. avsbench: the AVSBench releases "
-        "(Single-source/, Multi-sources/, AVSS metadata.csv + v1s/v1m/v2); ddeseg: DDESeg's "
-        "reorganised AVSSData/ and VPO_Clean/; vpo: the VPO release (VPO/, vggsound_bench/).",
-        case_sensitive=False,
-    ),
-    out: Path = typer.Option(
-        ..., "--out", help="RAW_DIR to create. Must be absent or empty (see --overwrite).", metavar="RAW_DIR"
-    ),
-    videos: int = typer.Option(
-        40, help="Total number of videos (VPO: images), spread evenly over the tasks; splits "
-        "train/val/test cycle 3:1:1 within each task."
-    ),
-    classes: int = typer.Option(
-        8, help="Number of object classes, each with its own shape, colour, texture, timbre and "
-        "frequency band (2..26; at most 21 with VPO tasks)."
-    ),
+    layout: str = typer.Option(..., help=f"Raw layout to write: {', '.join(LAYOUTS)}. avsbench: the AVSBench releases (Single-source/, Multi-sources/, AVSS metadata.csv + v1s/v1m/v2); ddeseg: DDESeg's reorganised AVSSData/ and VPO_Clean/; vpo: the VPO release (VPO/, vggsound_bench/).", case_sensitive=False),
+    out: Path = typer.Option(..., "--out", help="RAW_DIR to create. Must be absent or empty (see --overwrite).", metavar="RAW_DIR"),
+    videos: int = typer.Option(40, help="Total number of videos (VPO: images), spread evenly over the tasks; splits train/val/test cycle 3:1:1 within each task."),
+    classes: int = typer.Option(8, help="Number of object classes, each with its own shape, colour, texture, timbre and frequency band (2..26; at most 21 with VPO tasks)."),
     seed: int = typer.Option(0, help="Random seed. Same arguments, same bytes."),
-    image_size: int = typer.Option(
-        224, help="Frame height in pixels. v1s/v1m frames are square, as AVSBench-object's 224 px "
-        "frames; v2 and VPO images are wider (see --aspects)."
-    ),
-    tasks: str = typer.Option(
-        "", help="Comma-separated tasks to generate (default: all of the layout's): v1s,v1m,v2 "
-        "for avsbench; those and VPO-SS,VPO-MS,VPO-MSMI for ddeseg; the VPO ones for vpo."
-    ),
-    offscreen_rate: float = typer.Option(
-        0.2, help="Chance per second that a class that is not visible sounds (v1m, v2). It is "
-        "heard in the audio but never labelled in the mask."
-    ),
-    silent_rate: float = typer.Option(
-        0.1, help="Chance per second that nothing sounds (v1s, v1m, v2): empty mask, only "
-        "background hiss in the audio."
-    ),
-    aspects: str = typer.Option(
-        ",".join(f"{a:.4g}" for a in DEFAULT_ASPECTS),
-        help="Comma-separated width/height ratios drawn per video for v2 and VPO images.",
-    ),
+    image_size: int = typer.Option(224, help="Frame height in pixels. v1s/v1m frames are square, as AVSBench-object's 224 px frames; v2 and VPO images are wider (see --aspects)."),
+    tasks: str = typer.Option("", help="Comma-separated tasks to generate (default: all of the layout's): v1s,v1m,v2 for avsbench; those and VPO-SS,VPO-MS,VPO-MSMI for ddeseg; the VPO ones for vpo."),
+    offscreen_rate: float = typer.Option(0.2, help="Chance per second that a class that is not visible sounds (v1m, v2). It is heard in the audio but never labelled in the mask."),
+    silent_rate: float = typer.Option(0.1, help="Chance per second that nothing sounds (v1s, v1m, v2): empty mask, only background hiss in the audio."),
+    aspects: str = typer.Option(",".join(f"{a:.4g}" for a in DEFAULT_ASPECTS), help="Comma-separated width/height ratios drawn per video for v2 and VPO images."),
     workers: int = typer.Option(1, help="Worker processes; the output does not depend on it."),
-    overwrite: bool = typer.Option(
-        False, "--overwrite", help="Replace RAW_DIR when it holds an earlier synthetic dataset."
-    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace RAW_DIR when it holds an earlier synthetic dataset."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Generate a synthetic audio-visual segmentation dataset in a real raw layout.

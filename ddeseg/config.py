@@ -195,11 +195,55 @@ class PretrainAudioConfig:
     eval_every: int = 500
 
 
+# --------------------------------------------------------------------------------------------
+# The other stages. Each command's stage settings are keys here; its options of the same name
+# (in brackets) are aliases that override the key for one run (`ddeseg.cli.options`).
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PrepareConfig:
+    """`ddeseg prepare` (the shards' own settings are `model.frontend` and `data.*`)."""
+
+    workers: int = 1  # [--workers] processes that read and check frames; same output for any number
+    on_error: str = "skip"  # [--on-error] skip: list bad frames in rejects.jsonl; fail: stop
+    export_bbox_json: bool = False  # [--export-bbox-json] SHARDS_DIR/bbox/*_bbox_orisize.json
+    avsbench_part: str = "auto"  # [--avsbench-part] auto | semantic | object (avsbench layout)
+
+
+@dataclass
+class MemoryBankConfig:
+    """`ddeseg build-memory-bank` (see `ddeseg.pipelines.memory_bank`)."""
+
+    k: int = 128  # [--k] centroids per class
+    niter: int = 25  # [--niter] K-Means iterations
+    nredo: int = 1  # [--nredo] K-Means restarts, the best kept
+    seed: int = 0  # [--seed] K-Means seed
+    spherical: bool = False  # [--spherical] cosine K-Means
+    include_multi_source: bool = False  # [--include-multi-source]
+    silence_row: bool = False  # [--silence-row] silent samples make the background row
+    allow_missing_classes: bool = False  # [--allow-missing-classes] fill instead of failing
+    missing_fill: str = "global_mean"  # [--missing-fill] global_mean | zeros
+    batch_size: int = 64  # [--batch-size] clips per embedding batch
+
+
 @dataclass
 class EvalConfig:
-    split: str = "test"
-    pictures: int = 16
-    worst_frames: int = 16
+    """`ddeseg evaluate`."""
+
+    split: str = "test"  # [--split] train | val | test
+    pictures: int = 16  # [--pictures] frames drawn (the first by key)
+    worst_frames: int = 16  # [--worst] frames on the worst-frames contact sheet
+    audio_control: str = "none"  # [--audio-control] none | shuffled | silent
+
+
+@dataclass
+class PredictConfig:
+    """`ddeseg predict`."""
+
+    frames_per_second: float = 1.0  # [--frames-per-second] capped at each video's frame rate
+    batch_size: int = 8  # [--batch-size] frames per forward pass
+    allow_no_audio: bool = False  # [--allow-no-audio] a video without sound is predicted with silence
 
 
 @dataclass
@@ -210,7 +254,10 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     pretrain_audio: PretrainAudioConfig = field(default_factory=PretrainAudioConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    memory_bank: MemoryBankConfig = field(default_factory=MemoryBankConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,6 +329,44 @@ def _check_memory_keys(train: TrainConfig) -> None:
             parse_bytes(train.gpu_memory)
         except DDESegError as error:
             raise ConfigError(f"train.gpu_memory: {error}") from None
+
+
+# The other stages' keys: (bound, strict) as above, and the values a choice key may take.
+STAGE_KEY_RANGES: dict[str, tuple[float, bool]] = {
+    "prepare.workers": (1, False),
+    "memory_bank.k": (1, False),
+    "memory_bank.niter": (1, False),
+    "memory_bank.nredo": (1, False),
+    "memory_bank.batch_size": (1, False),
+    "eval.pictures": (0, False),
+    "eval.worst_frames": (0, False),
+    "predict.frames_per_second": (0, True),
+    "predict.batch_size": (1, False),
+}
+STAGE_KEY_CHOICES: dict[str, tuple[str, ...]] = {
+    "prepare.on_error": ("skip", "fail"),
+    "prepare.avsbench_part": ("auto", "semantic", "object"),
+    "memory_bank.missing_fill": ("global_mean", "zeros"),
+    "eval.split": ("train", "val", "test"),
+    "eval.audio_control": ("none", "shuffled", "silent"),
+}
+
+
+def check_stage_keys(config: Config) -> None:
+    """Raise `ConfigError` naming the first stage key (prepare, memory_bank, eval, predict) whose
+    value is out of range or not one of its choices."""
+    for dotted in (*STAGE_KEY_RANGES, *STAGE_KEY_CHOICES):
+        section, key = dotted.split(".")
+        value = getattr(getattr(config, section), key)
+        choices = STAGE_KEY_CHOICES.get(dotted)
+        if choices is not None:
+            if value not in choices:
+                raise ConfigError(f"{dotted} must be one of {', '.join(choices)}, got {value!r}")
+            continue
+        bound, strict = STAGE_KEY_RANGES[dotted]
+        if value <= bound if strict else value < bound:
+            sign = ">" if strict else ">="
+            raise ConfigError(f"{dotted} must be {sign} {bound}, got {value!r}: set it in the config, with --set {dotted}=... or its option")
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,9 +483,20 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
     return nested
 
 
+def check_overrides(overrides: list[str] | tuple[str, ...]) -> None:
+    """`ConfigError` (one line, naming the overrides) for an unknown key or a value of the wrong
+    type in `section.key=value` overrides: for the stages whose config is read later, from a
+    checkpoint, so that a typo fails before any work."""
+    try:
+        from_dict(Config, parse_overrides(list(overrides)))
+    except ConfigError as error:
+        raise ConfigError(f"--set {' '.join(overrides)}: {error}") from None
+
+
 def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> Config:
     config = from_dict(Config, _deep_merge(data, parse_overrides(overrides)))
     check_training_keys(config)
+    check_stage_keys(config)
     return config
 
 
@@ -437,5 +533,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         raise ConfigError(f"{where}: {error}") from None
 
 
-def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+CONFIG_FILE = "config.yaml"  # the resolved config, in every stage's output folder
+
+
+def save_config(config: Config, path: str | Path) -> Path:
+    """Write `config` as YAML to `path` through a temporary name and a rename (a reader never sees
+    half a file). The same config gives the same bytes (keys in the dataclasses' order)."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    temporary.replace(path)
+    return path

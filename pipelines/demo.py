@@ -16,6 +16,7 @@ Layout of `--out DIR`:
     DIR/run/          training run (config.yaml, metrics.jsonl, last.pt, best.pt)
     DIR/eval/{none,shuffled,silent}/   evaluate outputs
     DIR/eval.json, DIR/report.md, DIR/report.html, DIR/loss.png, DIR/pictures/
+    DIR/config.yaml   the resolved config (every stage folder holds its own too)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 from ddeseg.config import Config, load_config, resolve_config_path
 from ddeseg.errors import DDESegError
 from ddeseg.progress import console
+from ddeseg.stage import ConfigSource, RunOptions, write_stage_config
 
 CONTROLS = ("shuffled", "silent")
 
@@ -117,7 +119,8 @@ def synth_covering_every_class(raw_dir: Path, plan: DemoPlan) -> Path:
 
 
 def demo_config(plan: DemoPlan, config_path: str | Path = "demo") -> Config:
-    """configs/demo.yaml with the class counts of the synthetic set and the plan's steps."""
+    """configs/demo.yaml with the class counts of the synthetic set, the plan's steps, bank size
+    and seed, then the plan's overrides (`ddeseg demo --set`)."""
     return load_config(
         resolve_config_path(config_path),
         [
@@ -129,27 +132,41 @@ def demo_config(plan: DemoPlan, config_path: str | Path = "demo") -> Config:
             f"train.checkpoint_every={max(1, plan.train_steps // 3)}",
             f"pretrain_audio.steps={plan.pretrain_steps}",
             f"train.seed={plan.seed}",
+            f"memory_bank.k={plan.bank_k}",
+            f"memory_bank.seed={plan.seed}",
             *plan.overrides,
         ],
     )
 
 
-def run_demo(out: Path, plan: DemoPlan, config_path: str | Path = "demo", overwrite: bool = True) -> dict[str, Any]:
-    """Run every stage into `out`; return the demo's eval.json dict (metrics + controls)."""
-    from ddeseg.distributed import DistributedContext
-    from ddeseg.engine.evaluate import EvaluateRequest, run_evaluation
-    from ddeseg.engine.pretrain_audio import pretrain_audio
-    from ddeseg.engine.train import TrainRequest, train
-    from ddeseg.pipelines.memory_bank import build_memory_bank
-    from ddeseg.pipelines.prepare import PrepareOptions, prepare
+@dataclass
+class DemoPaths:
+    """Where the demo writes (see the module docstring for the layout)."""
 
+    out: Path
+
+
+def run_demo(
+    config: Config, paths: DemoPaths, plan: DemoPlan, run: RunOptions = RunOptions(overwrite=True)
+) -> dict[str, Any]:
+    """Run every stage into `paths.out` with `config` (`demo_config(plan, ...)`: every stage's
+    section of it) and the sizes of `plan`; return the demo's eval.json dict (metrics + controls).
+    `run.overwrite` (the default) replaces an earlier demo's folders in `out`; training and the
+    audio pretraining run on the CPU (the demo's numbers are the same on any machine)."""
+    from ddeseg.distributed import DistributedContext
+    from ddeseg.engine.evaluate import EvaluatePaths, run_evaluation
+    from ddeseg.engine.pretrain_audio import PretrainAudioPaths, pretrain_audio
+    from ddeseg.engine.train import TrainRequest, train
+    from ddeseg.pipelines.memory_bank import MemoryBankPaths, build_memory_bank
+    from ddeseg.pipelines.prepare import PreparePaths, prepare
+
+    out = Path(paths.out)
     if out.exists() and any(out.iterdir()):
-        if not overwrite:
+        if not run.overwrite:
             raise DDESegError(f"{out} is not empty; choose another --out")
         for name in ("raw", "shards", "audio", "bank", "run", "eval", "pictures"):
             shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    config = demo_config(plan, config_path)
     context = DistributedContext()
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -157,13 +174,17 @@ def run_demo(out: Path, plan: DemoPlan, config_path: str | Path = "demo", overwr
     with _stage("synth", timings):
         raw = synth_covering_every_class(out / "raw", plan)
     with _stage("prepare", timings):
-        prepared = prepare(PrepareOptions(layout="ddeseg", root=raw, out=out / "shards", tasks=["v2"]), config)
+        prepared = prepare(
+            config, PreparePaths(layout="ddeseg", root=raw, out=out / "shards", tasks=["v2"]), RunOptions(device=run.device, progress=run.progress)
+        )
     with _stage("pretrain-audio", timings):
-        audio_metrics = pretrain_audio(config, out / "shards", out / "audio", context.device)
+        audio_metrics = pretrain_audio(
+            config, PretrainAudioPaths(out / "shards", out / "audio"), RunOptions(device=str(context.device), progress=run.progress)
+        )
     with _stage("build-memory-bank", timings):
         build_memory_bank(
-            out / "shards", out / "bank", k=plan.bank_k, config=config,
-            audio_checkpoint=out / "audio" / "audio.pt", task="v2", seed=plan.seed,
+            config, MemoryBankPaths(out / "shards", out / "bank", audio_checkpoint=out / "audio" / "audio.pt"),
+            RunOptions(device=run.device, progress=run.progress),
         )
     with _stage("train", timings):
         train_summary = train(
@@ -178,13 +199,13 @@ def run_demo(out: Path, plan: DemoPlan, config_path: str | Path = "demo", overwr
     with _stage("evaluate", timings):
         # best.pt is chosen on the val split; the test split is only scored here.
         for control in ("none", *CONTROLS):
+            drawn = 8 if control == "none" else 0
+            settings = ("eval.split=test", f"eval.audio_control={control}", f"eval.pictures={drawn}", f"eval.worst_frames={drawn}")
             results[control] = run_evaluation(
-                EvaluateRequest(
-                    checkpoint=out / "run" / "best.pt", shards_dir=out / "shards", out_dir=out / "eval" / control,
-                    split="test", audio_control=control, pictures=8 if control == "none" else 0,
-                    worst_frames=8 if control == "none" else 0,
-                ),
+                ConfigSource(overrides=settings),  # the config stored in best.pt: the demo's
+                EvaluatePaths(checkpoint=out / "run" / "best.pt", shards=out / "shards", out=out / "eval" / control),
                 context,
+                progress=run.progress,
             )
     timings["total"] = time.perf_counter() - started
 
@@ -201,6 +222,7 @@ def run_demo(out: Path, plan: DemoPlan, config_path: str | Path = "demo", overwr
         "prepared": {"counts": prepared.counts, "rejects": len(prepared.rejects)},
     }
     (out / "eval.json").write_text(json.dumps(report, indent=1, sort_keys=True, default=float))
+    write_stage_config(config, out)
     write_report(out, report)
     _print_summary(out, report)
     return report

@@ -10,6 +10,7 @@
                                  `classes` list<int32>, `silent` bool, `embedding`
                                  fixed_size_list<float32>[dim]); schema metadata records the task,
                                  shards and model fingerprint it was made from
+    BANK_DIR/config.yaml         the resolved config (`config.memory_bank` holds the settings)
 
 Steps: read the training shards of the task (every task its protocol `reads`, e.g. `v2` reads the
 `v1s`, `v1m` and `v2` directories, as DDESeg trains on every AVSS subset) -> embed each
@@ -73,7 +74,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from ddeseg.config import Config
+from ddeseg.config import STAGE_KEY_CHOICES, Config
 from ddeseg.data import schema
 from ddeseg.data.schema import SampleMeta, decode_array, encode_array
 from ddeseg.data.shards import ShardIndex
@@ -82,6 +83,7 @@ from ddeseg.distributed import resolve_device
 from ddeseg.errors import DataError, DDESegError
 from ddeseg.pipelines.shards import write_atomic
 from ddeseg.progress import stage_progress
+from ddeseg.stage import RunOptions, write_stage_config
 
 BANK_FILE = "bank.npy"
 BANK_JSON = "bank.json"
@@ -90,7 +92,7 @@ BANK_FORMAT = "ddeseg-memory-bank-1"
 CACHE_FORMAT = "ddeseg-embeddings-1"
 CACHE_METADATA_KEY = b"ddeseg"
 TRAIN_SPLIT = "train"
-MISSING_FILLS = ("global_mean", "zeros")
+MISSING_FILLS = STAGE_KEY_CHOICES["memory_bank.missing_fill"]
 
 EmbedFn = Callable[[torch.Tensor], torch.Tensor]  # log-mel [B, frames, mel_bins] -> [B, dim]
 
@@ -649,51 +651,47 @@ class MemoryBankResult:
     report: dict[str, Any] = field(default_factory=dict)  # the content of bank.json
 
 
+@dataclass
+class MemoryBankPaths:
+    """What `build_memory_bank` reads and writes (its settings are `config.memory_bank`)."""
+
+    shards: Path  # a prepared directory (`classes.json`, `{task}/train/shard-*.tar`)
+    out: Path  # BANK_DIR
+    audio_checkpoint: Path | None = None  # weights of the audio backbone (`ddeseg.models.load_checkpoint`)
+    # read BANK_DIR/embeddings.parquet of an earlier run instead of embedding the shards again
+    reuse_embeddings: bool = False
+
+
 def build_memory_bank(
-    shards_dir: str | Path,
-    out_dir: str | Path,
-    k: int = 128,
+    config: Config,
+    paths: MemoryBankPaths,
+    run: RunOptions = RunOptions(),
     *,
-    config: Config | None = None,
-    audio_checkpoint: str | Path | None = None,
-    task: str | None = None,
-    reuse_embeddings: bool = False,
-    niter: int = 25,
-    nredo: int = 1,
-    seed: int = 0,
-    spherical: bool = False,
-    include_multi_source: bool = False,
-    silence_row: bool = False,
-    allow_missing_classes: bool = False,
-    missing_fill: str = "global_mean",
-    device: str | None = None,
-    batch_size: int = 64,
     embed_fn: EmbedFn | None = None,
     embed_fingerprint: str | None = None,
-    progress: bool = True,
 ) -> MemoryBankResult:
-    """Training shards of `task` -> `out_dir/bank.npy`, `bank.json`, `embeddings.parquet`.
+    """Training shards of `config.task` -> `out/bank.npy`, `bank.json`, `embeddings.parquet`,
+    `config.yaml`.
 
     Args:
-        shards_dir: a prepared directory (`classes.json`, `{task}/train/shard-*.tar`).
-        k: centroids per class. niter, nredo, seed, spherical: K-Means settings.
-        config: the model config (`config.model` builds the embedder, `config.task` is the
-            default task); default `Config()`.
-        audio_checkpoint: weights for the audio backbone (`ddeseg.models.load_checkpoint`).
-        reuse_embeddings: read `out_dir/embeddings.parquet` instead of embedding; it must come
-            from the same task and the same shard files (names and sizes), and from the same
-            model when `audio_checkpoint` or `embed_fingerprint` is given.
-        include_multi_source, silence_row, allow_missing_classes, missing_fill: see the
-            module docstring.
-        device: torch device for embedding and FAISS device for clustering (None: the GPU when
-            present).
+        config: `config.memory_bank` holds the settings (k, niter, nredo, seed, spherical: the
+            K-Means; include_multi_source, silence_row, allow_missing_classes, missing_fill: see
+            the module docstring; batch_size: clips per embedding batch); `config.model` builds
+            the embedder; `config.task` is the task whose training shards are read.
+        paths: the shards, BANK_DIR, the audio checkpoint; with `reuse_embeddings` the cache
+            `out/embeddings.parquet` is read instead of embedding: it must come from the same task
+            and the same shard files (names and sizes), and from the same model when
+            `audio_checkpoint` or `embed_fingerprint` is given.
+        run: `device` is the torch device for embedding and the FAISS device for clustering (None:
+            the GPU when present); `progress` the bars.
         embed_fn, embed_fingerprint: a replacement embedder `[B, frames, mel] -> [B, dim]` and
             its fingerprint (tests, other backbones); default: the frozen model's `embed_audio`.
     """
     started = time.perf_counter()
-    shards_dir, out_dir = Path(shards_dir), Path(out_dir)
-    config = config or Config()
-    task = task or config.task
+    shards_dir, out_dir, audio_checkpoint = Path(paths.shards), Path(paths.out), paths.audio_checkpoint
+    settings, task, reuse_embeddings, device = config.memory_bank, config.task, paths.reuse_embeddings, run.device
+    k, niter, nredo, seed = settings.k, settings.niter, settings.nredo, settings.seed
+    batch_size, missing_fill = settings.batch_size, settings.missing_fill
     if k < 1 or niter < 1 or nredo < 1 or batch_size < 1:
         raise DDESegError(
             f"k, niter, nredo and batch size must be >= 1 (got {k}, {niter}, {nredo}, {batch_size})"
@@ -741,7 +739,7 @@ def build_memory_bank(
             embedder.embed_fn,
             batch_size=batch_size,
             device=torch_device,
-            progress=progress,
+            progress=run.progress,
             total=index.count(task, TRAIN_SPLIT) if index.has_manifest else None,  # for the ETA only
         )
         embedding_info = {
@@ -757,22 +755,22 @@ def build_memory_bank(
     embed_seconds = time.perf_counter() - embed_started
 
     background = int(index.classes.get("background", 0))
-    assignment = assign_to_classes(table, bank_ids, include_multi_source, silence_row, background)
+    assignment = assign_to_classes(table, bank_ids, settings.include_multi_source, settings.silence_row, background)
     cluster_started = time.perf_counter()
     bank, stats = cluster_class_embeddings(
         assignment.by_class,
         k,
         niter=niter,
         seed=seed,
-        spherical=spherical,
+        spherical=settings.spherical,
         device=device,
         nredo=nredo,
         class_ids=bank_ids,
         class_names={i: names[i] if i < len(names) else str(i) for i in bank_ids},
-        allow_missing=allow_missing_classes,
-        optional_classes=() if silence_row else (background,),
+        allow_missing=settings.allow_missing_classes,
+        optional_classes=() if settings.silence_row else (background,),
         missing_fill=missing_fill,
-        progress=progress,
+        progress=run.progress,
     )
     cluster_seconds = time.perf_counter() - cluster_started
 
@@ -789,17 +787,8 @@ def build_memory_bank(
         "classes": [
             {**asdict(entry), "present_in": assignment.present.get(entry.class_id, 0)} for entry in stats
         ],
-        "settings": {
-            "k": k,
-            "niter": niter,
-            "nredo": nredo,
-            "seed": seed,
-            "spherical": spherical,
-            "include_multi_source": include_multi_source,
-            "silence_row": silence_row,
-            "allow_missing_classes": allow_missing_classes,
-            "missing_fill": missing_fill,
-        },
+        # the keys of config.memory_bank that decide the bank (batch_size does not)
+        "settings": {key: value for key, value in asdict(settings).items() if key != "batch_size"},
         "samples": {**assignment.counts, "embedded": len(table), "unannotated_skipped": table.unannotated},
         "outside_bank": {
             names[c] if c < len(names) else str(c): n for c, n in sorted(assignment.outside_bank.items())
@@ -824,6 +813,7 @@ def build_memory_bank(
         },
     }
     bank_path, json_path = out_dir / BANK_FILE, out_dir / BANK_JSON
+    write_stage_config(config, out_dir)
     write_atomic(bank_path, encode_array(bank))
     write_atomic(json_path, (json.dumps(report, indent=1) + "\n").encode())
     return MemoryBankResult(

@@ -5,6 +5,7 @@
     SHARDS_DIR/classes.json                     unified class list + task protocols
     SHARDS_DIR/prepare.json                     resolved config, front end, counts, rejects, versions, time
     SHARDS_DIR/rejects.jsonl                    one line per rejected frame or row (empty if none)
+    SHARDS_DIR/config.yaml                      the resolved config of the last run (`ddeseg.stage`)
     SHARDS_DIR/bbox/*_bbox_orisize.json         with `export_bbox_json` (the official form)
 
 Steps: scan the metadata into frame references (main process) -> drop duplicate keys -> plan
@@ -64,7 +65,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ddeseg.classes import ALL_TASKS, SPLITS
-from ddeseg.config import Config, to_dict
+from ddeseg.config import CONFIG_FILE, STAGE_KEY_CHOICES, Config, to_dict
 from ddeseg.data import schema
 from ddeseg.data.boxes import sounding_boxes
 from ddeseg.data.schema import SampleMeta, encode_array, encode_mask, sample_key
@@ -83,8 +84,9 @@ from ddeseg.pipelines.shards import (
     write_tar,
 )
 from ddeseg.pipelines.sources.common import Source, open_source
+from ddeseg.stage import RunOptions, write_stage_config
 
-ON_ERROR = ("skip", "fail")
+ON_ERROR = STAGE_KEY_CHOICES["prepare.on_error"]
 FORMAT_VERSION = 1  # bump when the bytes of a sample change for the same inputs
 VERSIONED_PACKAGES = ("ddeseg", "numpy", "torch", "soundfile", "soxr", "pillow", "webdataset", "pyarrow")
 
@@ -113,19 +115,14 @@ MANIFEST_SCHEMA = pa.schema(
 
 
 @dataclass
-class PrepareOptions:
-    layout: str
+class PreparePaths:
+    """What `prepare` reads and writes (its settings are `config.prepare`, `model.frontend`, `data.*`)."""
+
+    layout: str  # how `root` is laid out: avsbench | ddeseg | vpo
     root: Path
     out: Path
     tasks: list[str] | None = None  # None: every task the root has
-    workers: int = 1
-    on_error: str = "skip"
-    overwrite: bool = False
-    export_bbox_json: bool = False
-    device: str | None = None  # log-mel device; None: cuda when available
     audio_checkpoint: Path | None = None  # HTS-AT / full checkpoint whose filterbank makes the log-mels
-    source_options: dict[str, Any] = field(default_factory=dict)
-    progress: bool = True
 
 
 @dataclass
@@ -359,7 +356,7 @@ def _remove_if_empty(folder: Path) -> None:
 
 def _clear_outputs(out: Path) -> None:
     """`overwrite`: remove what a previous prepare wrote (only our own files and folders)."""
-    for name in (schema.MANIFEST_FILE, schema.CLASSES_FILE, schema.PREPARE_FILE, schema.REJECTS_FILE):
+    for name in (schema.MANIFEST_FILE, schema.CLASSES_FILE, schema.PREPARE_FILE, schema.REJECTS_FILE, CONFIG_FILE):
         (out / name).unlink(missing_ok=True)
     for folder in [out / STATE_DIR, out / "bbox"] + [out / task for task in ALL_TASKS]:
         if folder.is_dir():
@@ -493,11 +490,11 @@ def _write_manifest(out: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def _shard_settings(
-    config: Config, options: PrepareOptions, source: Source, frontend: dict[str, Any]
+    config: Config, paths: PreparePaths, source: Source, frontend: dict[str, Any]
 ) -> dict[str, Any]:
     return {
         "format": FORMAT_VERSION,
-        "layout": options.layout,
+        "layout": paths.layout,
         "frontend": to_dict(config.model.frontend),
         # what the log-mels are made with, not where it came from: a moved checkpoint keeps shards
         "filterbank_sha256": frontend["filterbank_sha256"],
@@ -508,35 +505,40 @@ def _shard_settings(
     }
 
 
-def prepare(options: PrepareOptions, config: Config | None = None) -> PrepareResult:
-    """Run the stage (see the module docstring). Raises `DataError` for unusable input, and for
-    the first rejected frame when `options.on_error == "fail"`; `CheckpointError` for an
-    `audio_checkpoint` without a usable filterbank (none, NaN, or not the config's shape)."""
+def prepare(config: Config, paths: PreparePaths, run: RunOptions = RunOptions()) -> PrepareResult:
+    """Run the stage (see the module docstring) with the settings of `config.prepare` (workers,
+    on_error, export_bbox_json, avsbench_part), the front end `config.model.frontend` and
+    `config.data` (clip_seconds, samples_per_shard, vpo_audio); `run.device` makes the log-mels,
+    `run.overwrite` replaces an earlier run's outputs. Writes `out/config.yaml` last but one
+    (before prepare.json). Raises `DataError` for unusable input, and for the first rejected frame
+    when `config.prepare.on_error == "fail"`; `CheckpointError` for an `audio_checkpoint` without
+    a usable filterbank (none, NaN, or not the config's shape)."""
     started = time.perf_counter()
-    config = config or Config()
-    if options.on_error not in ON_ERROR:
-        raise DataError(f"--on-error must be one of {ON_ERROR}, got {options.on_error!r}")
-    if options.workers < 1:
-        raise DataError(f"--workers must be >= 1, got {options.workers}")
+    settings = config.prepare
+    if settings.on_error not in ON_ERROR:
+        raise DataError(f"--on-error must be one of {ON_ERROR}, got {settings.on_error!r}")
+    if settings.workers < 1:
+        raise DataError(f"--workers must be >= 1, got {settings.workers}")
     if config.data.samples_per_shard < 1:
         raise DataError(
             f"data.samples_per_shard must be >= 1, got {config.data.samples_per_shard} (set it in --config or --set)"
         )
-    out = Path(options.out)
+    out = Path(paths.out)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} exists and is not a directory; give a folder path")
-    source = open_source(options.layout, options.root, options.tasks, config, options.source_options)
+    source_options = {"part": settings.avsbench_part} if paths.layout == "avsbench" else {}
+    source = open_source(paths.layout, paths.root, paths.tasks, config, source_options)
     if out.resolve() == source.root or source.root.is_relative_to(out.resolve()):
         raise DataError(f"output {out} must not contain the dataset root {source.root}")
     from ddeseg.audio import prepare_frontend  # builds torch modules: main process only
     from ddeseg.distributed import resolve_device
 
-    resolve_device(options.device)  # a bad --device fails here, not after the scan
+    resolve_device(run.device)  # a bad --device fails here, not after the scan
 
-    frontend, frontend_entry = prepare_frontend(config.model.frontend, options.audio_checkpoint)
+    frontend, frontend_entry = prepare_frontend(config.model.frontend, paths.audio_checkpoint)
     created = not out.exists()
     try:
-        return _run(options, config, source, out, frontend, frontend_entry, started)
+        return _run(config, paths, run, source, out, frontend, frontend_entry, started)
     except DDESegError:
         if created:
             _remove_if_empty(out)  # bad input: no empty output folder is left behind
@@ -544,8 +546,9 @@ def prepare(options: PrepareOptions, config: Config | None = None) -> PrepareRes
 
 
 def _run(
-    options: PrepareOptions,
     config: Config,
+    paths: PreparePaths,
+    run: RunOptions,
     source: Source,
     out: Path,
     frontend: Any,
@@ -557,21 +560,22 @@ def _run(
 
     logmel: Callable[[np.ndarray], np.ndarray] | None = None
     tasks = list(source.tasks)
-    with _Stage(options.progress) as stage:
+    on_error = config.prepare.on_error
+    with _Stage(run.progress) as stage:
         # everything that can refuse the run comes before the first write
-        refs, rejects = _scan(source, options.on_error, stage.bar("scan", None))
+        refs, rejects = _scan(source, on_error, stage.bar("scan", None))
         stage.close("scan")
-        earlier = None if options.overwrite else _read_earlier_run(out, tasks)
+        earlier = None if run.overwrite else _read_earlier_run(out, tasks)
         class_names = list(source.classes.names)
         if earlier is not None and earlier.rows:
             settings = _front_end_settings({"config": to_dict(config), "frontend": frontend_entry})
             class_names = _check_earlier_run(out, earlier, class_names, settings)
         jobs = plan_shards(refs, config.data.samples_per_shard)
         out.mkdir(parents=True, exist_ok=True)
-        if options.overwrite:
+        if run.overwrite:
             _clear_outputs(out)
         remove_stale(out, jobs, tuple(tasks), SPLITS)  # this run's tasks only: the others are kept
-        settings = _shard_settings(config, options, source, frontend_entry)
+        settings = _shard_settings(config, paths, source, frontend_entry)
         fingerprints = {job.name: fingerprint(job, source.root, settings) for job in jobs}
         states: dict[str, dict[str, Any]] = {}
         todo = []
@@ -584,11 +588,11 @@ def _run(
         kept = len(states)
         advance = stage.bar(f"shards ({kept} kept)" if kept else "shards", len(refs))
         advance(sum(len(job.refs) for job in jobs if job.name in states))
-        for job, samples, shard_rejects in _run_jobs(todo, source, options.workers, advance):
+        for job, samples, shard_rejects in _run_jobs(todo, source, config.prepare.workers, advance):
             for reject in shard_rejects:
-                _fail_or_record(reject, options.on_error, source.root)
+                _fail_or_record(reject, on_error, source.root)
             if logmel is None and samples:
-                logmel = LogMelBatcher(frontend, options.device)
+                logmel = LogMelBatcher(frontend, run.device)
             states[job.name] = _write_shard(out, job, samples, shard_rejects, logmel, fingerprints[job.name])  # type: ignore[arg-type]
 
         rows: list[dict[str, Any]] = []
@@ -597,7 +601,7 @@ def _run(
             rows.extend(state["rows"])
             for recorded in state["rejects"]:  # kept shards' rejects count (and fail) as new ones
                 reject = Reject(recorded["path"], recorded["reason"], recorded.get("key"))
-                rejects.append(_fail_or_record(reject, options.on_error, source.root))
+                rejects.append(_fail_or_record(reject, on_error, source.root))
         kept_tasks: dict[str, int] = {}
         if earlier is not None and earlier.rows:
             kept_tasks = dict(Counter(row["task"] for row in earlier.rows))
@@ -612,7 +616,7 @@ def _run(
     classes_json["names"] = class_names  # a longer list of the kept tasks keeps its extra names
     write_atomic(out / schema.CLASSES_FILE, json.dumps(classes_json, indent=1).encode())
     write_atomic(out / schema.REJECTS_FILE, "".join(reject.to_json() + "\n" for reject in rejects).encode())
-    if options.export_bbox_json:
+    if config.prepare.export_bbox_json:
         export_bbox_json(rows, out / "bbox")
     counts: dict[str, dict[str, int]] = {}
     for row in rows:
@@ -632,7 +636,7 @@ def _run(
         uid_forms=described.get("uid_forms"),
     )
     report = {
-        "layout": options.layout,
+        "layout": paths.layout,
         "root": str(source.root),
         "tasks": tasks,
         "prepared_tasks": list(source.tasks),
@@ -650,13 +654,14 @@ def _run(
             "written": result.shards_written,
             "kept": kept,
         },
-        "workers": options.workers,
-        "on_error": options.on_error,
+        "workers": config.prepare.workers,
+        "on_error": on_error,
         "logmel_device": str(logmel.device) if logmel is not None else None,
         "versions": package_versions(),
         "elapsed_s": round(elapsed, 3),
         "samples_per_s": round(len(rows) / elapsed, 2) if elapsed > 0 else None,
     }
+    write_stage_config(config, out)
     write_atomic(out / schema.PREPARE_FILE, json.dumps(report, indent=1, sort_keys=True).encode())
     return result
 

@@ -56,14 +56,12 @@ def micro_config_overrides() -> list[str]:
 @pytest.fixture(scope="session")
 def prepared_synthetic(tmp_path_factory) -> PreparedDataset:
     from ddeseg.config import load_config
-    from ddeseg.pipelines.prepare import PrepareOptions, prepare
+    from ddeseg.pipelines.prepare import PreparePaths, prepare
     from ddeseg.pipelines.sources.synthetic import generate
+    from ddeseg.stage import RunOptions
 
     root = tmp_path_factory.mktemp("synthetic")
     raw = generate("ddeseg", root / "raw", videos=8, classes=2, seed=3, image_size=64, tasks=["v2"])
     config = load_config(DEMO_CONFIG, MICRO_OVERRIDES)
-    prepare(
-        PrepareOptions(layout="ddeseg", root=raw, out=root / "shards", tasks=["v2"], progress=False),
-        config,
-    )
+    prepare(config, PreparePaths(layout="ddeseg", root=raw, out=root / "shards", tasks=["v2"]), RunOptions(progress=False))
     return PreparedDataset(raw=raw, shards=root / "shards", config=DEMO_CONFIG)

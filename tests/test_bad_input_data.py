@@ -383,23 +383,24 @@ def test_small_demo_budgets_give_every_class_a_memory_bank_row(tmp_path, minutes
     mean log-mel) finds every class, as the real pipeline's does."""
     from ddeseg.config import load_config
     from ddeseg.pipelines.demo import DemoPlan, synth_covering_every_class
-    from ddeseg.pipelines.memory_bank import build_memory_bank
-    from ddeseg.pipelines.prepare import PrepareOptions, prepare
+    from ddeseg.pipelines.memory_bank import MemoryBankPaths, build_memory_bank
+    from ddeseg.pipelines.prepare import PreparePaths, prepare
+    from ddeseg.stage import RunOptions
 
     plan = DemoPlan.for_minutes(minutes, classes=classes)
     plan.image_size = 32  # smaller frames than the demo's: the class draw does not depend on it
     raw = synth_covering_every_class(tmp_path / "raw", plan)
     meta = json.loads((raw / "synth_meta.json").read_text())
     assert len(meta["videos"]) == plan.videos >= 12
-    config = load_config("demo", [f"model.num_classes={classes + 1}", "data.samples_per_shard=64"])
-    prepare(PrepareOptions(layout="ddeseg", root=raw, out=tmp_path / "shards", tasks=["v2"], progress=False), config)
+    config = load_config("demo", [f"model.num_classes={classes + 1}", "data.samples_per_shard=64", "task=v2", "memory_bank.k=2"])
+    prepare(config, PreparePaths(layout="ddeseg", root=raw, out=tmp_path / "shards", tasks=["v2"]), RunOptions(progress=False))
 
     def embed(logmel):  # [B, frames, mel] -> [B, mel]
         return logmel.float().mean(dim=1)
 
     result = build_memory_bank(
-        tmp_path / "shards", tmp_path / "bank", k=2, config=config, task="v2", embed_fn=embed,
-        embed_fingerprint="mean-logmel", device="cpu", progress=False,
+        config, MemoryBankPaths(tmp_path / "shards", tmp_path / "bank"), RunOptions(device="cpu", progress=False),
+        embed_fn=embed, embed_fingerprint="mean-logmel",
     )
     bank = np.load(tmp_path / "bank" / "bank.npy")
     assert bank.shape[0] >= classes + 1 and np.isfinite(bank).all()

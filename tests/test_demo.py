@@ -8,7 +8,7 @@ import math
 
 from PIL import Image
 
-from ddeseg.pipelines.demo import DemoPlan, run_demo
+from ddeseg.pipelines.demo import DemoPaths, DemoPlan, demo_config, run_demo
 from ddeseg.visualize import frame_layout
 
 
@@ -27,7 +27,7 @@ def test_demo_runs_every_stage_and_reports(tmp_path, micro_config_overrides):
         overrides=micro_config_overrides + ["train.base_lr=2e-3", "data.batch_size=8"],
     )
     out = tmp_path / "demo"
-    report = run_demo(out, plan)
+    report = run_demo(demo_config(plan), DemoPaths(out), plan)
 
     for name in ("report.md", "report.html", "eval.json", "loss.png"):
         assert (out / name).is_file(), name
@@ -47,3 +47,12 @@ def test_demo_runs_every_stage_and_reports(tmp_path, micro_config_overrides):
         layout = frame_layout(32)  # image | ground truth | prediction, each upscaled to 256 px, audio below
         assert picture.size == (layout.width, layout.height) and layout.panel == 256
     assert set(on_disk["demo"]["timings_s"]) >= {"synth", "prepare", "pretrain-audio", "build-memory-bank", "train", "evaluate"}
+
+    # every output folder holds the resolved config that made it
+    from ddeseg.config import load_config
+
+    configs = {name: load_config(out / name / "config.yaml") for name in ("", "shards", "audio", "bank", "run", "eval/none", "eval/shuffled")}
+    assert configs[""] == configs["shards"] == configs["bank"] and configs[""].memory_bank.k == plan.bank_k == 4
+    assert configs["run"].train.steps == 40 and configs["audio"].pretrain_audio.steps == 20
+    assert (configs["eval/none"].eval.pictures, configs["eval/shuffled"].eval.pictures) == (8, 0)
+    assert configs["eval/shuffled"].eval.audio_control == "shuffled" and configs["eval/none"].eval.split == "test"

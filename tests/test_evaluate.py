@@ -453,6 +453,24 @@ def test_cli_rejects_bad_requests(shards, checkpoints, tmp_path):
     assert code != 0
 
 
+def test_eval_section_is_the_default_of_the_options_and_set_reaches_it(shards, checkpoints, tmp_path):
+    """`eval.split` (and the other eval keys) decide when the option is not given; --set changes
+    them; an option beats --set; OUT/config.yaml is the resolved config."""
+    common = ["--checkpoint", str(checkpoints["v2"]), "--shards", str(shards), "--device", "cpu"]
+    code, message = run_cli(*common, "--out", str(tmp_path / "x"), "--set", "eval.split=val")
+    assert code == 2 and "no shards" in message  # the tiny shards have only a test split
+    out = tmp_path / "set"
+    code, output = run_cli(*common, "--out", str(out), "--set", "eval.split=val", "--split", "test",
+                           "--set", "eval.pictures=2", "--set", "eval.worst_frames=0", "--set", "eval.audio_control=silent")
+    assert code == 0, output
+    report = read_eval(out)
+    assert report["split"] == "test" and report["audio_control"] == "silent"
+    assert len(list((out / "pictures").glob("sample-*.png"))) == 2 and not (out / "pictures" / "worst-frames.png").exists()
+    written = load_config(out / "config.yaml")
+    assert (written.eval.split, written.eval.pictures, written.eval.audio_control) == ("test", 2, "silent")
+    assert written.model == tiny_config("v2").model  # the checkpoint's own config, resolved
+
+
 def test_official_checkpoint_needs_config_and_memory_bank(shards, tmp_path):
     config = tiny_config("v2")
     model = tiny_model(config)

@@ -30,7 +30,8 @@ from ddeseg.errors import CheckpointError, DDESegError
 from ddeseg.models import build_model, load_checkpoint
 from ddeseg.models.checkpoint import frontend_state_from_checkpoint
 from ddeseg.models.frontend import mel_filterbank
-from ddeseg.pipelines.prepare import PrepareOptions, prepare
+from ddeseg.pipelines.prepare import PreparePaths, prepare
+from ddeseg.stage import RunOptions
 
 CONFIG = load_config(DEMO_CONFIG, MICRO_OVERRIDES)
 
@@ -59,16 +60,8 @@ def htsat_checkpoint(tmp_path_factory, htsat_state):
 
 
 def _prepare(raw, out, audio_checkpoint=None):
-    options = PrepareOptions(
-        layout="ddeseg",
-        root=raw,
-        out=out,
-        tasks=["v2"],
-        progress=False,
-        device="cpu",
-        audio_checkpoint=audio_checkpoint,
-    )
-    return prepare(options, CONFIG)
+    paths = PreparePaths(layout="ddeseg", root=raw, out=out, tasks=["v2"], audio_checkpoint=audio_checkpoint)
+    return prepare(CONFIG, paths, RunOptions(device="cpu", progress=False))
 
 
 @pytest.fixture(scope="module")

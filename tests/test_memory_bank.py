@@ -3,6 +3,7 @@ embedding pass over hand-written shards with a known embedding, and the CLI on a
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import torch
 from webdataset import TarWriter
 
+from ddeseg.config import Config
 from ddeseg.data import schema
 from ddeseg.data.schema import SampleMeta, encode_array
 from ddeseg.errors import DDESegError
@@ -20,6 +22,7 @@ from ddeseg.pipelines.memory_bank import (
     BANK_JSON,
     CACHE_FILE,
     EmbeddingTable,
+    MemoryBankPaths,
     MemoryBankWarning,
     assign_to_classes,
     build_memory_bank,
@@ -28,6 +31,7 @@ from ddeseg.pipelines.memory_bank import (
     state_dict_fingerprint,
     write_embeddings_cache,
 )
+from ddeseg.stage import RunOptions
 
 # --------------------------------------------------------------------------------------------
 # Helpers
@@ -277,11 +281,29 @@ def test_state_dict_fingerprint_changes_with_weights():
 # --------------------------------------------------------------------------------------------
 
 
+def build_bank(
+    shards, out, *, config=None, task=None, audio_checkpoint=None, reuse_embeddings=False, device=None,
+    progress=True, embed_fn=None, embed_fingerprint=None, **settings,
+):  # fmt: skip
+    """`build_memory_bank` with its inputs spelt out: `settings` are keys of `config.memory_bank`
+    (k, niter, spherical, ...), `task` the config's task."""
+    config = copy.deepcopy(config or Config())
+    config.task = task or config.task
+    for key, value in settings.items():
+        assert hasattr(config.memory_bank, key), key
+        setattr(config.memory_bank, key, value)
+    paths = MemoryBankPaths(shards, out, audio_checkpoint=audio_checkpoint, reuse_embeddings=reuse_embeddings)
+    return build_memory_bank(
+        config, paths, RunOptions(device=device, progress=progress), embed_fn=embed_fn, embed_fingerprint=embed_fingerprint
+    )
+
+
+
 def test_stage_on_tiny_shards_with_a_known_embedding(tmp_path):
     shards, bank_dir = tmp_path / "shards", tmp_path / "bank"
     expected = write_tiny_shards(shards, per_class=6)
     embedder = CountingEmbedder()
-    result = build_memory_bank(
+    result = build_bank(
         shards, bank_dir, k=2, task="v2", embed_fn=embedder, embed_fingerprint="proj-1", batch_size=4,
         device="cpu", progress=False,
     )  # fmt: skip
@@ -308,7 +330,7 @@ def test_stage_on_tiny_shards_with_a_known_embedding(tmp_path):
     assert_centroids_nearest_own_class(bank[1:], [1, 2, 3], by_class)
 
     # Re-clustering from the cache: no embedding, and the same settings give the same bytes.
-    again = build_memory_bank(
+    again = build_bank(
         shards, bank_dir, k=2, task="v2", reuse_embeddings=True, embed_fn=_forbidden_embedder,
         device="cpu", progress=False,
     )  # fmt: skip
@@ -317,7 +339,7 @@ def test_stage_on_tiny_shards_with_a_known_embedding(tmp_path):
 
     # Another k and the assignment options from the same cache; too few points -> warning.
     with pytest.warns(MemoryBankWarning, match="'background'.* has 3 point"):
-        wider = build_memory_bank(
+        wider = build_bank(
             shards, bank_dir, k=4, task="v2", reuse_embeddings=True, embed_fn=_forbidden_embedder,
             include_multi_source=True, silence_row=True, device="cpu", progress=False,
         )  # fmt: skip
@@ -330,8 +352,8 @@ def test_reuse_refuses_a_missing_or_stale_cache(tmp_path):
     shards, bank_dir = tmp_path / "shards", tmp_path / "bank"
     write_tiny_shards(shards, per_class=3)
     with pytest.raises(DDESegError, match="no embeddings cache"):
-        build_memory_bank(shards, bank_dir, k=1, reuse_embeddings=True, device="cpu", progress=False)
-    build_memory_bank(
+        build_bank(shards, bank_dir, k=1, reuse_embeddings=True, device="cpu", progress=False)
+    build_bank(
         shards,
         bank_dir,
         k=1,
@@ -341,13 +363,13 @@ def test_reuse_refuses_a_missing_or_stale_cache(tmp_path):
         progress=False,
     )
     with pytest.raises(DDESegError, match="embedded by model 'a'"):
-        build_memory_bank(
+        build_bank(
             shards, bank_dir, k=1, reuse_embeddings=True, embed_fingerprint="b", device="cpu", progress=False
         )
     extra = shards / "v2" / "train" / "shard-000002.tar"
     extra.write_bytes((shards / "v2" / "train" / "shard-000000.tar").read_bytes())
     with pytest.raises(DDESegError, match="differ"):
-        build_memory_bank(shards, bank_dir, k=1, reuse_embeddings=True, device="cpu", progress=False)
+        build_bank(shards, bank_dir, k=1, reuse_embeddings=True, device="cpu", progress=False)
 
 
 def test_missing_class_in_shards_is_an_error_unless_allowed(tmp_path):
@@ -359,10 +381,10 @@ def test_missing_class_in_shards_is_an_error_unless_allowed(tmp_path):
     (shards / schema.CLASSES_FILE).write_text(json.dumps(document))
     kwargs = dict(k=1, task="v2", embed_fn=CountingEmbedder(), device="cpu", progress=False)
     with pytest.raises(DDESegError, match=r"class 5 \('never-heard'\)"):
-        build_memory_bank(shards, bank_dir, **kwargs)
+        build_bank(shards, bank_dir, **kwargs)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = build_memory_bank(shards, bank_dir, allow_missing_classes=True, **kwargs)
+        result = build_bank(shards, bank_dir, allow_missing_classes=True, **kwargs)
     assert any("never-heard" in str(w.message) for w in caught)
     assert result.shape[0] == 6 and result.stats[5].missing and result.stats[4].points == 1
 
@@ -457,7 +479,7 @@ def test_bank_of_the_real_tiny_model_loads_into_it_and_changes_its_output(tmp_pa
     # One build of the tiny model (seconds on a CPU) serves the embedder and the forward below.
     monkeypatch.setattr(ddeseg.models, "build_model", lambda model_config: model)
 
-    result = build_memory_bank(
+    result = build_bank(
         shards,
         bank_dir,
         k=2,
@@ -471,7 +493,7 @@ def test_bank_of_the_real_tiny_model_loads_into_it_and_changes_its_output(tmp_pa
     assert result.report["embedding"]["fingerprint"] == audio_fingerprint  # the checkpoint's weights
     assert result.report["embedding"]["fingerprint_of"] == "audio_model.state_dict()"
     banks = [np.load(result.bank_path)]
-    spherical = build_memory_bank(
+    spherical = build_bank(
         shards, bank_dir, k=2, config=config, task="v2", reuse_embeddings=True, spherical=True, device="cpu",
         progress=False,
     )  # fmt: skip
@@ -501,7 +523,7 @@ def test_cli_reclusters_a_cache_and_reports_bad_input(tmp_path, monkeypatch, cap
 
     shards, bank_dir = tmp_path / "shards", tmp_path / "bank"
     write_tiny_shards(shards, per_class=4)
-    build_memory_bank(
+    build_bank(
         shards, bank_dir, k=2, task="v2", embed_fn=CountingEmbedder(), device="cpu", progress=False
     )
     argv = ["ddeseg", "build-memory-bank", "--shards", str(shards), "--k", "3", "--out", str(bank_dir)]

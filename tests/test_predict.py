@@ -206,6 +206,25 @@ def test_predict_writes_masks_overlays_video_and_json(tmp_path, checkpoint, mp4,
     assert audio_packets(out / "overlay.mp4") == audio_packets(mp4)
 
 
+def test_predict_section_set_and_options(tmp_path, checkpoint, mp4, synth):
+    """predict.frames_per_second from --set; -f beats it; OUT/config.yaml is the resolved config."""
+    seconds = len(synth.frames)
+    result = run_cli("--checkpoint", str(checkpoint), str(mp4), "--out", str(tmp_path / "half"),
+                     "--set", "predict.frames_per_second=0.5", "--set", "predict.batch_size=3")
+    assert result.exit_code == 0, result.output
+    document = json.loads((tmp_path / "half" / "street" / "predictions.json").read_text())
+    assert [f["time_s"] for f in document["frames"]] == [2.0 * k for k in range((seconds + 1) // 2)]
+    written = load_config(tmp_path / "half" / "config.yaml")
+    assert (written.predict.frames_per_second, written.predict.batch_size) == (0.5, 3)
+
+    result = run_cli("--checkpoint", str(checkpoint), str(mp4), "--out", str(tmp_path / "one"),
+                     "--set", "predict.frames_per_second=0.5", "-f", "1")
+    assert result.exit_code == 0, result.output
+    document = json.loads((tmp_path / "one" / "street" / "predictions.json").read_text())
+    assert len(document["frames"]) == seconds
+    assert load_config(tmp_path / "one" / "config.yaml").predict.frames_per_second == 1.0
+
+
 def audio_packets(path: Path) -> list[bytes]:
     with av.open(str(path)) as container:
         return [bytes(packet) for packet in container.demux(audio=0) if packet.size]
@@ -377,7 +396,7 @@ def test_bad_videos_are_reported_one_line_each_and_the_others_done(tmp_path, che
         assert reason in line, line
     assert "--allow-no-audio" in next(line for line in errors if str(mute) in line)
     # The good video is done; nothing of the bad ones (no folder, no partial folder) is left.
-    assert sorted(p.name for p in out.iterdir()) == ["pcm", "street"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "pcm", "street"]
     assert len(list((out / "street" / "masks").glob("*.png"))) == len(synth.frames)
     with av.open(str(out / "pcm" / "overlay.mp4")) as container:
         (stream,) = container.streams.audio

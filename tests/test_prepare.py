@@ -37,8 +37,9 @@ from ddeseg.data.schema import (
 )
 from ddeseg.data.shards import task_label_lut
 from ddeseg.data.stream import read_shard_samples
-from ddeseg.pipelines.prepare import PrepareOptions, prepare
+from ddeseg.pipelines.prepare import PreparePaths, prepare
 from ddeseg.pipelines.sources.synthetic import generate
+from ddeseg.stage import RunOptions
 
 SEED = 11
 SIZE = 48
@@ -65,24 +66,18 @@ def raw(tmp_path_factory):
 def prepared(raw, tmp_path_factory):
     base = tmp_path_factory.mktemp("shards")
     runs = {
-        "avsbench": ("avsbench", {}),
-        "avsbench-object": ("avsbench", {"part": "object"}),
-        "ddeseg": ("ddeseg", {}),
-        "vpo": ("vpo", {}),
+        "avsbench": ("avsbench", "auto"),
+        "avsbench-object": ("avsbench", "object"),
+        "ddeseg": ("ddeseg", "auto"),
+        "vpo": ("vpo", "auto"),
     }
-    config = Config()
-    config.data.samples_per_shard = 16
     out = {}
-    for name, (layout, source_options) in runs.items():
-        options = PrepareOptions(
-            layout=layout,
-            root=raw[layout],
-            out=base / name,
-            source_options=source_options,
-            export_bbox_json=True,
-            progress=False,
-        )
-        result = prepare(options, config)
+    for name, (layout, avsbench_part) in runs.items():
+        config = Config()
+        config.data.samples_per_shard = 16
+        config.prepare.export_bbox_json = True
+        config.prepare.avsbench_part = avsbench_part
+        result = prepare(config, PreparePaths(layout=layout, root=raw[layout], out=base / name), RunOptions(progress=False))
         assert result.rejects == [], result.rejects
         out[name] = base / name
     return out

@@ -22,8 +22,9 @@ from PIL import Image
 from ddeseg.config import Config
 from ddeseg.data.schema import sample_key
 from ddeseg.errors import DataError
-from ddeseg.pipelines.prepare import PrepareOptions, prepare
+from ddeseg.pipelines.prepare import PreparePaths, prepare
 from ddeseg.pipelines.sources.synthetic import generate
+from ddeseg.stage import RunOptions
 
 CLI = [sys.executable, "-m", "ddeseg", "prepare"]
 
@@ -41,10 +42,17 @@ def small_shards(samples_per_shard: int = 4) -> Config:
     return config
 
 
-def run(root: Path, out: Path, config: Config | None = None, **options) -> object:
+def run(
+    root: Path, out: Path, config: Config | None = None, tasks: list[str] | None = None, overwrite: bool = False, **settings
+) -> object:
+    """prepare with `settings` as keys of the config's `prepare` section (workers, on_error, ...)."""
+    config = config or small_shards()
+    for key, value in settings.items():
+        setattr(config.prepare, key, value)
     return prepare(
-        PrepareOptions(layout="avsbench", root=root, out=out, progress=False, **options),
-        config or small_shards(),
+        config,
+        PreparePaths(layout="avsbench", root=root, out=out, tasks=tasks),
+        RunOptions(progress=False, overwrite=overwrite),
     )
 
 

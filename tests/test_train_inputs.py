@@ -129,12 +129,13 @@ def prepared_binary(tmp_path_factory):
     """A binary task (v1s) prepared from a synthetic ddeseg layout."""
     from conftest import DEMO_CONFIG, MICRO_OVERRIDES, PreparedDataset
 
-    from ddeseg.pipelines.prepare import PrepareOptions, prepare
+    from ddeseg.pipelines.prepare import PreparePaths, prepare
     from ddeseg.pipelines.sources.synthetic import generate
+    from ddeseg.stage import RunOptions
 
     root = tmp_path_factory.mktemp("binary")
     raw = generate("ddeseg", root / "raw", videos=4, classes=2, seed=3, image_size=64, tasks=["v1s"])
-    prepare(PrepareOptions(layout="ddeseg", root=raw, out=root / "shards", tasks=["v1s"], progress=False), load_config(DEMO_CONFIG, MICRO_OVERRIDES))
+    prepare(load_config(DEMO_CONFIG, MICRO_OVERRIDES), PreparePaths(layout="ddeseg", root=raw, out=root / "shards", tasks=["v1s"]), RunOptions(progress=False))
     return PreparedDataset(raw=raw, shards=root / "shards", config=DEMO_CONFIG)
 
 

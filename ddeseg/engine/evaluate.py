@@ -48,11 +48,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ddeseg.config import Config
+from ddeseg.config import STAGE_KEY_CHOICES, Config, check_overrides
 from ddeseg.distributed import DistributedContext, barrier
 from ddeseg.errors import DDESegError
 from ddeseg.inference import load_for_inference, require_bank_classes, require_output_folder
 from ddeseg.metrics import AVSBenchBinaryMeter, SegmentationMeter, foreground_logits, predicted_labels
+from ddeseg.stage import ConfigSource, write_stage_config
 from ddeseg.visualize import (
     FramePicture,
     contact_sheet,
@@ -63,7 +64,7 @@ from ddeseg.visualize import (
     video_strip,
 )
 
-AUDIO_CONTROLS = ("none", "shuffled", "silent")
+AUDIO_CONTROLS = STAGE_KEY_CHOICES["eval.audio_control"]
 EVAL_JSON, EVAL_MD, EVAL_HTML = "eval.json", "eval.md", "eval.html"
 PICTURES_DIR, WORST_SHEET = "pictures", "worst-frames.png"
 STRIP_VIDEOS = 12  # videos kept for the best / median / worst video strips
@@ -462,30 +463,25 @@ def evaluate_model(
 
 
 @dataclass
-class EvaluateRequest:
-    """Inputs of `run_evaluation` (what `ddeseg evaluate` parses)."""
+class EvaluatePaths:
+    """What `run_evaluation` reads and writes (its settings are `config.eval`, and the loader's
+    `data.eval_batch_size`, `data.num_workers`)."""
 
     checkpoint: Path
-    shards_dir: Path
-    out_dir: Path
-    task: str | None = None
-    split: str = "test"
-    audio_control: str = "none"
-    config_path: Path | None = None  # required for official checkpoints; replaces a stored config
-    overrides: list[str] = field(default_factory=list)
+    shards: Path
+    out: Path  # eval.json, eval.md, eval.html, pictures/, config.yaml
     memory_bank: Path | None = None  # required for official checkpoints (they hold no bank)
-    pictures: int | None = None  # default config.eval.pictures
-    worst_frames: int | None = None  # default config.eval.worst_frames
-    batch_size: int | None = None  # default config.data.eval_batch_size
-    num_workers: int | None = None  # default config.data.num_workers
-    show_progress: bool = True
 
 
-
-
-def run_evaluation(request: EvaluateRequest, context: DistributedContext) -> dict[str, Any]:
+def run_evaluation(
+    config: ConfigSource, paths: EvaluatePaths, context: DistributedContext, *, progress: bool = True
+) -> dict[str, Any]:
     """Evaluate a checkpoint on a split of prepared shards and, on rank 0, write `eval.json`,
-    `eval.md` and `pictures/` into `request.out_dir`. Returns the eval.json dict (every rank).
+    `eval.md`, `pictures/` and `config.yaml` into `paths.out`. Returns the eval.json dict (every rank).
+
+    The config is the checkpoint's (or `config.file`, required for official checkpoints) with
+    `config.overrides` on top; `eval.split`, `eval.audio_control`, `eval.pictures`,
+    `eval.worst_frames`, `task`, `data.eval_batch_size` and `data.num_workers` decide the run.
 
     A split not scored whole (frames of a corrupt or cut shard skipped) gives `"partial": true`
     with `counts.frames_not_scored` and `skipped_shards`, and a warning; `ddeseg evaluate` then
@@ -494,15 +490,14 @@ def run_evaluation(request: EvaluateRequest, context: DistributedContext) -> dic
     from ddeseg.data.stream import count_data_errors, make_eval_loader
     from ddeseg.progress import console, stage_progress
 
-    out_dir = require_output_folder(request.out_dir)
-    if request.audio_control not in AUDIO_CONTROLS:
-        raise DDESegError(f"--audio-control {request.audio_control!r} is not one of {', '.join(AUDIO_CONTROLS)}")
-    index = ShardIndex(request.shards_dir)
-    overrides = list(request.overrides) + ([f"task={request.task}"] if request.task else [])
-    loaded = load_for_inference(request.checkpoint, request.config_path, overrides, request.memory_bank)
-    model, config = loaded.model, loaded.config
-    index.check_frontend(model, checkpoint=request.checkpoint)  # shards' log-mels vs the model's filterbank
-    task, split = config.task, request.split
+    out_dir = require_output_folder(paths.out)
+    check_overrides(config.overrides)  # a typo fails now, not after the checkpoint is read
+    index = ShardIndex(paths.shards)
+    loaded = load_for_inference(paths.checkpoint, config.file, config.overrides, paths.memory_bank)
+    config = loaded.config  # resolved (eval.audio_control and eval.split are checked on load)
+    audio_control, model = config.eval.audio_control, loaded.model
+    index.check_frontend(model, checkpoint=paths.checkpoint)  # shards' log-mels vs the model's filterbank
+    task, split = config.task, config.eval.split
     expected = index.num_outputs(task)
     if config.model.num_classes != expected:
         raise DDESegError(
@@ -532,13 +527,9 @@ def run_evaluation(request: EvaluateRequest, context: DistributedContext) -> dic
         world_size=context.world_size,
         errors_dir=errors_dir,
         label_lut=index.label_lut(task, config.model.num_classes),
-        num_workers=request.num_workers,
-        batch_size=request.batch_size,
     )
-    num_pictures = config.eval.pictures if request.pictures is None else request.pictures
-    num_worst = config.eval.worst_frames if request.worst_frames is None else request.worst_frames
-    collector = PictureCollector(samples=num_pictures, worst=num_worst)
-    bar = stage_progress("frames", enabled=context.is_main and request.show_progress)
+    collector = PictureCollector(samples=config.eval.pictures, worst=config.eval.worst_frames)
+    bar = stage_progress("frames", enabled=context.is_main and progress)
     with bar:
         task_id = bar.add_task(f"evaluate {task}/{split}", total=total)
         result = evaluate_model(
@@ -546,7 +537,7 @@ def run_evaluation(request: EvaluateRequest, context: DistributedContext) -> dic
             loader,
             config,
             context,
-            audio_control=request.audio_control,
+            audio_control=audio_control,
             pictures=collector,
             class_names=class_names,
             progress=(bar, task_id),
@@ -568,11 +559,11 @@ def run_evaluation(request: EvaluateRequest, context: DistributedContext) -> dic
         "split": split,
         "binary": result["binary"],
         "num_classes": result["num_classes"],
-        "checkpoint": str(request.checkpoint),
+        "checkpoint": str(paths.checkpoint),
         "checkpoint_format": loaded.format,
         "checkpoint_step": loaded.step,
         "memory_bank": loaded.memory_bank,
-        "audio_control": request.audio_control,
+        "audio_control": audio_control,
         "audio_control_unchanged_frames": result["audio_control_unchanged_frames"],
         "counts": {
             "frames": result["num_frames"],
@@ -588,6 +579,7 @@ def run_evaluation(request: EvaluateRequest, context: DistributedContext) -> dic
     report.update(partial_result(not_scored, errors_dir, shards, index.root))
     if context.is_main:
         write_outputs(report, collector, out_dir, class_names)
+        write_stage_config(config, out_dir)
         print_report(report, console)
         if report["partial"]:
             # print, not rich: one line whatever the terminal width, as the CLI's errors

@@ -34,11 +34,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ddeseg.config import Config
-from ddeseg.errors import DDESegError
+from ddeseg.config import Config, check_overrides
 from ddeseg.fileio import building_directory
 from ddeseg.inference import InferenceModel, load_for_inference, require_output_folder, resolve_class_names
 from ddeseg.predict import MASKS_DIR, OVERLAYS_DIR, frame_name, predict_video
+from ddeseg.stage import ConfigSource, RunOptions, write_stage_config
 from ddeseg.video import (
     OverlayVideoWriter,
     VideoError,
@@ -59,31 +59,27 @@ PREDICTIONS_FILE, OVERLAY_VIDEO = "predictions.json", "overlay.mp4"
 
 
 @dataclass
-class PredictRequest:
-    """Inputs of `run_predict` (what `ddeseg predict` parses)."""
+class PredictPaths:
+    """What `run_predict` reads and writes (its settings are `config.predict`)."""
 
     checkpoint: Path
     videos: list[Path]
-    out_dir: Path
-    frames_per_second: float = 1.0  # capped at each video's frame rate (`sampling_rate`)
-    device: str | None = None
-    batch_size: int = 8
-    classes_file: Path | None = None
-    config_path: Path | None = None  # required for official checkpoints; replaces a stored config
+    out: Path  # one folder per video, and config.yaml
+    classes: Path | None = None  # classes.json or a JSON list of names, for checkpoints without one
     memory_bank: Path | None = None  # required for official checkpoints (they hold no bank)
-    allow_no_audio: bool = False
-    show_progress: bool = True
 
 
-def load_predictor(request: PredictRequest) -> tuple[torch.nn.Module, Config, list[str], InferenceModel]:
-    """Model (on the requested device, eval mode), config, class names and the loaded checkpoint
+def load_predictor(
+    config: ConfigSource, paths: PredictPaths, device: str | None = None
+) -> tuple[torch.nn.Module, Config, list[str], InferenceModel]:
+    """Model (on `device`, eval mode), resolved config, class names and the loaded checkpoint
     (`ddeseg.inference.load_for_inference`)."""
     from ddeseg.distributed import resolve_device
 
     loaded = load_for_inference(
-        request.checkpoint, request.config_path, memory_bank=request.memory_bank, device=resolve_device(request.device)
+        paths.checkpoint, config.file, config.overrides, paths.memory_bank, device=resolve_device(device)
     )
-    class_names = resolve_class_names(loaded.config, loaded.classes, request.classes_file)
+    class_names = resolve_class_names(loaded.config, loaded.classes, paths.classes)
     return loaded.model, loaded.config, class_names, loaded
 
 
@@ -239,40 +235,42 @@ def output_names(videos: Sequence[Path]) -> list[str]:
     return names
 
 
-def run_predict(request: PredictRequest) -> list[VideoResult]:
-    """`ddeseg predict`: every video of the request into `out_dir/{stem}/`.
+def run_predict(config: ConfigSource, paths: PredictPaths, run: RunOptions = RunOptions()) -> list[VideoResult]:
+    """`ddeseg predict`: every video of `paths` into `out/{stem}/`, with the settings of
+    `config.predict` (the checkpoint's config, or `config.file`, with `config.overrides`), on
+    `run.device`; `out/config.yaml` is the resolved config, written when a video was.
 
     A bad video is reported on stderr on one line (`error: PATH: reason`) and skipped; the others
     are still done. Returns one `VideoResult` per input (with `error` set for the failed ones).
     Bad options, an `--out` that is a file and checkpoint problems raise `DDESegError` before any
     video is touched; an output folder this run created stays only if a video was written in it."""
-    require_output_folder(request.out_dir)
-    if not request.frames_per_second > 0:
-        raise DDESegError(f"--frames-per-second must be > 0, got {request.frames_per_second}")
-    if request.batch_size < 1:
-        raise DDESegError(f"--batch-size must be >= 1, got {request.batch_size}")
-    model, config, class_names, loaded = load_predictor(request)
+    require_output_folder(paths.out)
+    check_overrides(config.overrides)  # a typo fails now, not after the checkpoint is read
+    # predict.frames_per_second > 0 and predict.batch_size >= 1 are checked on load
+    model, resolved, class_names, loaded = load_predictor(config, paths, run.device)
     # FFmpeg's own messages off (torchvision turns them on when imported): a bad video is
     # reported on our one line, not with decoder chatter around it.
     ffmpeg_log_level = av.logging.get_level()
     av.logging.set_level(None)
     try:
-        return _predict_all(request, model, config, class_names, loaded)
+        return _predict_all(paths, run, model, resolved, class_names, loaded)
     finally:
         av.logging.set_level(ffmpeg_log_level)
 
 
 def _predict_all(
-    request: PredictRequest, model: torch.nn.Module, config: Config, class_names: list[str], loaded: InferenceModel
+    paths: PredictPaths, run: RunOptions, model: torch.nn.Module, config: Config, class_names: list[str], loaded: InferenceModel
 ) -> list[VideoResult]:
     from ddeseg.progress import console
 
     if loaded.warning():
         console.print(f"[yellow]warning[/]: {loaded.warning()}")
-    out_root = Path(request.out_dir)
+    out_root = Path(paths.out)
     created = [folder for folder in (out_root, *out_root.parents) if not folder.exists()]
     try:
-        results = _predict_videos(request, model, config, class_names, out_root)
+        results = _predict_videos(paths, run, model, config, class_names, out_root)
+        if any(result.error is None for result in results):
+            write_stage_config(config, out_root)
     finally:
         for folder in created:  # innermost first: a run that wrote nothing leaves no empty folder
             if folder.is_dir() and not any(folder.iterdir()):
@@ -282,20 +280,21 @@ def _predict_all(
 
 
 def _predict_videos(
-    request: PredictRequest, model: torch.nn.Module, config: Config, class_names: list[str], out_root: Path
+    paths: PredictPaths, run: RunOptions, model: torch.nn.Module, config: Config, class_names: list[str], out_root: Path
 ) -> list[VideoResult]:
     from ddeseg.progress import stage_progress
 
     results = []
-    for video, name in zip(request.videos, output_names(request.videos), strict=True):
+    settings = config.predict
+    for video, name in zip(paths.videos, output_names(paths.videos), strict=True):
         video = Path(video)
-        bar = stage_progress("frames", enabled=request.show_progress)
+        bar = stage_progress("frames", enabled=run.progress)
         try:
             with bar:
                 result = predict_to_directory(
                     video, model, config, class_names, out_root / name,
-                    frames_per_second=request.frames_per_second, batch_size=request.batch_size,
-                    allow_no_audio=request.allow_no_audio, checkpoint=str(request.checkpoint), progress=bar,
+                    frames_per_second=settings.frames_per_second, batch_size=settings.batch_size,
+                    allow_no_audio=settings.allow_no_audio, checkpoint=str(paths.checkpoint), progress=bar,
                 )
         except VideoError as error:
             result = VideoResult(path=video, error=str(error))

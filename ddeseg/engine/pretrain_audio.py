@@ -31,15 +31,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ddeseg.config import Config, save_config, to_dict
+from ddeseg.config import Config, to_dict
 from ddeseg.data import schema
 from ddeseg.data.shards import ShardIndex
 from ddeseg.data.stream import read_shard_samples
+from ddeseg.distributed import resolve_device
 from ddeseg.engine.recipe import check_run_dir, save_training_checkpoint, warmup_cosine_lr
 from ddeseg.engine.run_log import RunLog
 from ddeseg.errors import DataError
 from ddeseg.models import build_model
 from ddeseg.progress import console, stage_progress, training_progress
+from ddeseg.stage import RunOptions, write_stage_config
 
 AUDIO_CHECKPOINT_FORMAT = "ddeseg-audio-1"
 
@@ -107,11 +109,24 @@ def evaluate_classifier(audio_model: torch.nn.Module, examples: AudioExamples, d
     }
 
 
-def pretrain_audio(config: Config, shards_dir: Path, out_dir: Path, device: torch.device) -> dict[str, float]:
-    """Train `model.audio_model` of `config` on the shards of `config.task`; write `audio.pt`."""
+@dataclass
+class PretrainAudioPaths:
+    """What `pretrain_audio` reads and writes (its settings are `config.pretrain_audio`)."""
+
+    shards: Path  # a prepared directory
+    out: Path  # RUN_DIR: audio.pt, metrics.jsonl, config.yaml
+
+
+def pretrain_audio(config: Config, paths: PretrainAudioPaths, run: RunOptions = RunOptions()) -> dict[str, float]:
+    """Train `model.audio_model` of `config` on the shards of `config.task` with the recipe
+    `config.pretrain_audio` (seeded by `train.seed`) on `run.device`; write `audio.pt`, and
+    `config.yaml` (the resolved config, the classifier's class count included) at the start.
+    Returns the final classifier metrics."""
+    out_dir = paths.out
     check_run_dir(out_dir)  # before reading any audio: an --out that is a file fails now, not at the end
+    device = resolve_device(run.device)
     config = copy.deepcopy(config)  # derived values below must not leak into the caller's config
-    index = ShardIndex(shards_dir)
+    index = ShardIndex(paths.shards)
     sound_class_ids = task_sound_class_ids(index, config.task)
     # The classifier head predicts the dataset's sound classes, whatever the config says; DDESeg
     # later loads everything but that head (it only uses the latent).
@@ -130,7 +145,7 @@ def pretrain_audio(config: Config, shards_dir: Path, out_dir: Path, device: torc
     optimizer = torch.optim.AdamW([p for p in audio_model.parameters() if p.requires_grad], lr=recipe.base_lr, weight_decay=recipe.weight_decay)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, out_dir / "config.yaml")
+    write_stage_config(config, out_dir)
     run_log = RunLog(out_dir)
     console.print(
         f"[bold]pretrain-audio[/]: {len(train_examples.keys)} train clips, {len(sound_class_ids)} sound classes,"
@@ -139,7 +154,7 @@ def pretrain_audio(config: Config, shards_dir: Path, out_dir: Path, device: torc
     batches = _batch_indices(len(train_examples.keys), recipe.batch_size, generator)
     started, running, window = time.time(), 0.0, 0
     audio_model.train()
-    with training_progress() as progress:
+    with training_progress(enabled=run.progress) as progress:
         task = progress.add_task("pretrain-audio", total=recipe.steps, loss=float("nan"), lr=0.0, rate=0.0)
         for step in range(recipe.steps):
             batch_ids = next(batches)
