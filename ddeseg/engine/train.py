@@ -102,6 +102,10 @@ RESUME_MAY_CHANGE = (
     "data.eval_batch_size",
     "eval.",
     "pretrain_audio.",
+    # Settings of other stages: they never reach the weights or the data order of a training run.
+    "prepare.",
+    "memory_bank.",
+    "predict.",
 )
 
 
