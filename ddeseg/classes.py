@@ -169,22 +169,19 @@ S4_TO_AVSS: dict[str, str] = {
 SOUNDING_OBJECT = "sounding-object"
 
 
-def avss_palette(count: int) -> np.ndarray:
+def avss_palette(count: int = 256) -> np.ndarray:
     """The AVSBench-semantic colour of each class id: uint8 `[count, 3]` (id 0 black).
 
     The colour of id `j` spreads the bits of `j` over the three channels, three bits per step,
     from the most significant bit of each channel down (the VOC palette the official
-    `get_v2_pallete` builds).
+    `get_v2_pallete` builds). The one palette of ddeseg: masks are read and drawn with it.
     """
-    palette = np.zeros((count, 3), dtype=np.uint8)
-    for class_id in range(count):
-        value, shift = class_id, 7
-        red = green = blue = 0
-        while value:
-            red |= (value & 1) << shift
-            green |= ((value >> 1) & 1) << shift
-            blue |= ((value >> 2) & 1) << shift
-            value >>= 3
-            shift -= 1
-        palette[class_id] = (red, green, blue)
-    return palette
+    label = np.arange(count, dtype=np.int64)
+    palette = np.zeros((count, 3), dtype=np.int64)
+    shift = 7
+    while bool((label > 0).any()):
+        for channel in range(3):
+            palette[:, channel] |= ((label >> channel) & 1) << shift
+        label >>= 3
+        shift -= 1
+    return palette.astype(np.uint8)

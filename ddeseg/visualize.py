@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from ddeseg.classes import avss_palette
 from ddeseg.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from ddeseg.data.schema import IGNORE_INDEX
 
@@ -68,23 +69,9 @@ TEXT = (240, 240, 240)
 DIM_TEXT = (170, 170, 170)
 
 
-def voc_palette(num_classes: int = 256) -> np.ndarray:
-    """uint8 `[num_classes, 3]`: the AVSBench / DDESeg (VOC-style) colour of every class id."""
-    ids = np.arange(num_classes, dtype=np.int64)
-    palette = np.zeros((num_classes, 3), dtype=np.int64)
-    label = ids.copy()
-    shift = 7
-    while bool((label > 0).any()):
-        for channel in range(3):
-            palette[:, channel] |= ((label >> channel) & 1) << shift
-        label >>= 3
-        shift -= 1
-    return palette.astype(np.uint8)
-
-
 def colorize(mask: np.ndarray, palette: np.ndarray | None = None) -> np.ndarray:
     """Class ids `[H, W]` -> uint8 RGB `[H, W, 3]` in the palette (`IGNORE_INDEX` white)."""
-    palette = voc_palette() if palette is None else palette
+    palette = avss_palette() if palette is None else palette
     table = np.zeros((256, 3), dtype=np.uint8)
     table[: min(256, len(palette))] = palette[:256]
     table[IGNORE_INDEX] = IGNORE_COLOR
@@ -161,7 +148,7 @@ def overlay_with_legend(prediction: LegendFrame, palette: np.ndarray | None = No
     """uint8 RGB `[H, W + panel, 3]`: the frame with its mask blended in (`outlined_overlay`) and a
     legend panel on the right (time, `note`, then a colour swatch, name and pixel share per class
     present). The panel's width depends only on H, so every picture of a video has one size."""
-    palette = voc_palette() if palette is None else palette
+    palette = avss_palette() if palette is None else palette
     picture = outlined_overlay(prediction.image, prediction.mask, palette)
     height = picture.shape[0]
     font_px = legend_font_px(height)
@@ -361,7 +348,7 @@ def frame_picture(
         audio_control: what the model heard (`none`, `shuffled`, `silent`): in the title.
         rank: a number to put before the key (the contact sheet's order).
     """
-    palette = voc_palette() if palette is None else palette
+    palette = avss_palette() if palette is None else palette
     layout = frame_layout(frame.image.shape[0])
     size = layout.panel
     canvas = Image.new("RGB", (layout.width, layout.height), BACKGROUND)
@@ -440,7 +427,7 @@ def video_strip(
     frame under its second, and a legend of every class in the rows."""
     if not frames:
         raise ValueError("a video strip needs at least one frame")
-    palette = voc_palette() if palette is None else palette
+    palette = avss_palette() if palette is None else palette
     cell = STRIP_CELL_PX
     width = len(frames) * cell + (len(frames) - 1) * GAP_PX
     present = sorted(

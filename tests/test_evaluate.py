@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 from webdataset import TarWriter
 
 from ddeseg.checkpoint import FORMAT, atomic_torch_save
+from ddeseg.classes import avss_palette
 from ddeseg.cli.app import app
 from ddeseg.config import Config, load_config, to_dict
 from ddeseg.data import schema
@@ -48,7 +49,6 @@ from ddeseg.visualize import (
     overlay,
     sheet_size,
     triptych,
-    voc_palette,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -187,7 +187,7 @@ def run_cli(*args: str) -> tuple[int, str]:
 
 
 def test_palette_is_the_avsbench_voc_palette():
-    palette = voc_palette(71)
+    palette = avss_palette(71)
     expected = {
         0: (0, 0, 0), 1: (128, 0, 0), 2: (0, 128, 0), 3: (128, 128, 0), 4: (0, 0, 128), 5: (128, 0, 128),
         6: (0, 128, 128), 7: (128, 128, 128), 8: (64, 0, 0), 9: (192, 0, 0), 16: (0, 64, 0),
@@ -196,7 +196,7 @@ def test_palette_is_the_avsbench_voc_palette():
     for class_id, rgb in expected.items():
         assert tuple(palette[class_id]) == rgb, class_id
     assert palette.shape == (71, 3) and palette.dtype == np.uint8
-    assert len({tuple(c) for c in voc_palette(256)}) == 256  # every id its own colour
+    assert len({tuple(c) for c in avss_palette(256)}) == 256  # every id its own colour
 
 
 def test_overlay_blends_classes_and_keeps_background():

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ddeseg.classes import avss_palette
 from ddeseg.config import Config, check_overrides
 from ddeseg.fileio import building_directory
 from ddeseg.inference import InferenceModel, load_for_inference, require_output_folder, resolve_class_names
@@ -47,7 +48,7 @@ from ddeseg.video import (
     first_video_time,
     probe_video,
 )
-from ddeseg.visualize import overlay_with_legend, voc_palette
+from ddeseg.visualize import overlay_with_legend
 
 PREDICTIONS_VERSION = 1
 PREDICTIONS_FILE, OVERLAY_VIDEO = "predictions.json", "overlay.mp4"
@@ -146,7 +147,7 @@ def predict_to_directory(
             )
             finished = False
             try:
-                palette, audio_note = voc_palette(), None if info.has_audio else "no audio: silence"
+                palette, audio_note = avss_palette(), None if info.has_audio else "no audio: silence"
                 for prediction in predict_video(
                     path, model, config, class_names,
                     frames_per_second=rate, batch_size=batch_size, allow_no_audio=allow_no_audio,
