@@ -69,6 +69,7 @@ from ddeseg.config import CONFIG_FILE, STAGE_KEY_CHOICES, Config, to_dict
 from ddeseg.data import schema
 from ddeseg.data.boxes import sounding_boxes
 from ddeseg.data.schema import SampleMeta, encode_array, encode_mask, sample_key
+from ddeseg.data.shards import read_classes_file
 from ddeseg.errors import DataError, DDESegError
 from ddeseg.pipelines.bboxes import export_bbox_json
 from ddeseg.pipelines.records import FrameRef, RecordError, Reject
@@ -299,12 +300,11 @@ def _read_earlier_run(out: Path, tasks: list[str]) -> EarlierRun | None:
         boxes = row.get("class_boxes") or []
         rows.append(dict(row, class_boxes={str(k): v for k, v in (boxes.items() if isinstance(boxes, dict) else boxes)}))
     try:
-        classes = json.loads((out / schema.CLASSES_FILE).read_text())
-        names = list(classes["names"])
-    except (OSError, ValueError, KeyError, TypeError) as error:
+        names = list(read_classes_file(out / schema.CLASSES_FILE)["names"])
+    except DataError as error:
         if not rows:
             return None
-        raise DataError(f"{out / schema.CLASSES_FILE}: unreadable class list of an earlier run ({error}){again}") from None
+        raise DataError(f"unreadable class list of an earlier run: {error}{again}") from None
     rejects = []
     try:
         for line in (out / schema.REJECTS_FILE).read_text().splitlines():
