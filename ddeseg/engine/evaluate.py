@@ -41,7 +41,7 @@ import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from ddeseg.config import STAGE_KEY_CHOICES, Config, check_overrides
 from ddeseg.distributed import DistributedContext, barrier
 from ddeseg.errors import DDESegError
-from ddeseg.inference import load_for_inference, require_bank_classes, require_output_folder
+from ddeseg.inference import InferenceModel, load_for_inference, require_bank_classes, require_output_folder
 from ddeseg.metrics import AVSBenchBinaryMeter, SegmentationMeter, foreground_logits, predicted_labels
 from ddeseg.stage import ConfigSource, write_stage_config
 from ddeseg.visualize import (
@@ -63,6 +63,9 @@ from ddeseg.visualize import (
     save_png,
     video_strip,
 )
+
+if TYPE_CHECKING:
+    from ddeseg.data.shards import ShardIndex
 
 AUDIO_CONTROLS = STAGE_KEY_CHOICES["eval.audio_control"]
 EVAL_JSON, EVAL_MD, EVAL_HTML = "eval.json", "eval.md", "eval.html"
@@ -358,6 +361,107 @@ def class_entries(per_class: dict[int, dict[str, Any]], class_names: Sequence[st
     }
 
 
+def annotated_frames(batch: dict[str, Any], audio: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor] | None:
+    """The annotated frames of `batch` and their `audio` (all of them when the batch has no
+    `annotated` field); None when no frame of the batch is annotated."""
+    if "annotated" not in batch or bool(batch["annotated"].all()):
+        return batch, audio
+    keep = batch["annotated"].bool()
+    batch = _select(batch, keep)
+    if not batch["key"]:
+        return None
+    return batch, audio[keep.to(audio.device)]
+
+
+def score_batch(
+    model: torch.nn.Module,
+    batch: dict[str, Any],
+    audio: torch.Tensor,
+    device: torch.device,
+    meter: SegmentationMeter,
+    binary_meter: AVSBenchBinaryMeter | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run `model` on one batch with `audio`, feed the meters, and return `(target, predicted
+    labels, per-frame scores)` (on `device`; the scores are `SegmentationMeter.update`'s)."""
+    image = batch["image"].to(device, non_blocking=True)
+    target = batch["mask"].to(device, non_blocking=True)
+    logits = model(image, audio.to(device, non_blocking=True)).float()
+    if logits.shape[-2:] != target.shape[-2:]:
+        # The official head returns logits at the input size; upsample others to it.
+        logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
+    labels = predicted_labels(logits)
+    scores = meter.update(labels, target)
+    if binary_meter is not None:
+        videos, frames = video_frame_ids(batch)
+        binary_meter.update(foreground_logits(logits), target, videos, frames)
+    return target, labels, scores
+
+
+def _score_batches(
+    model: torch.nn.Module,
+    batches: Iterable[tuple[dict[str, Any], torch.Tensor]],
+    context: DistributedContext,
+    meters: tuple[SegmentationMeter, AVSBenchBinaryMeter | None],
+    pictures: PictureCollector | None,
+    progress: Any,
+) -> None:
+    """The batch loop of `evaluate_model`: score every annotated frame of `batches` (`(batch,
+    audio)` pairs) in eval mode without gradients, keep pictures, advance the bar."""
+    meter, binary_meter = meters
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch, audio in batches:
+                kept = annotated_frames(batch, audio)
+                if kept is None:
+                    continue
+                batch, audio = kept
+                target, labels, scores = score_batch(model, batch, audio, context.device, meter, binary_meter)
+                if pictures is not None:
+                    pictures.add(
+                        list(batch["key"]), batch["image"], target, labels, scores, logmels=audio,
+                        sounding=batch.get("classes"), videos=batch.get("video"), frames=batch.get("frame"),
+                    )
+                if progress is not None:
+                    bar, task_id = progress
+                    bar.advance(task_id, len(batch["key"]) * context.world_size)
+    finally:
+        model.train(was_training)
+
+
+def reduce_scores(
+    meter: SegmentationMeter, binary_meter: AVSBenchBinaryMeter | None, class_names: Sequence[str] | None
+) -> dict[str, Any]:
+    """Sum the meters across ranks (every rank must call it) and compute the result dict: the
+    DDESeg protocol, and the AVSBench one (binary meter when given, else the AVSS numbers)."""
+    meter.all_reduce()
+    result = meter.compute()
+    result["per_class"] = class_entries(result["per_class"], class_names)
+    if binary_meter is not None:
+        binary_meter.all_reduce()
+        binary_result = binary_meter.compute()
+        for name in ("avsbench_miou", "avsbench_fscore", "num_videos", "num_empty_target_frames", "duplicate_frames"):
+            result[name] = binary_result[name]
+        # The per-class AVSS numbers are not the binary protocol's; leave them out.
+        for entry in result["per_class"].values():
+            for name in ("avsbench_frames", "avsbench_iou", "avsbench_fscore"):
+                entry.pop(name, None)
+        result["avsbench_protocol"] = "AVSBench S4/MS3 (binary, per video)"
+    else:
+        result["avsbench_protocol"] = "AVSBench AVSS (semantic, per frame)"
+    return result
+
+
+def _unchanged_frames(control: AudioControl, context: DistributedContext) -> int:
+    """`control.unchanged_frames` summed across ranks (every rank must call it)."""
+    unchanged = torch.tensor([control.unchanged_frames], dtype=torch.float64)
+    if context.is_distributed and dist.is_available() and dist.is_initialized():
+        unchanged = unchanged.to(context.device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(unchanged)
+    return int(unchanged.item())
+
+
 def evaluate_model(
     model: torch.nn.Module,
     loader: Iterable[dict[str, Any]],
@@ -389,70 +493,20 @@ def evaluate_model(
         `num_empty_target_frames`), and `binary`, `num_classes`, `avsbench_protocol`,
         `audio_control`, `audio_control_unchanged_frames`. Identical on every rank.
     """
-    device = context.device
     binary = config.model.num_classes == 1
-    meter = SegmentationMeter(2 if binary else config.model.num_classes, device=device)
+    meter = SegmentationMeter(2 if binary else config.model.num_classes, device=context.device)
     binary_meter = AVSBenchBinaryMeter() if binary else None
     control = AudioControl(audio_control, model, config)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch, audio in control(loader):
-                if "annotated" in batch and not bool(batch["annotated"].all()):
-                    keep = batch["annotated"].bool()
-                    batch = _select(batch, keep)
-                    audio = audio[keep.to(audio.device)]
-                    if not batch["key"]:
-                        continue
-                image = batch["image"].to(device, non_blocking=True)
-                target = batch["mask"].to(device, non_blocking=True)
-                logits = model(image, audio.to(device, non_blocking=True)).float()
-                if logits.shape[-2:] != target.shape[-2:]:
-                    # The official head returns logits at the input size; upsample others to it.
-                    logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
-                labels = predicted_labels(logits)
-                scores = meter.update(labels, target)
-                if binary_meter is not None:
-                    videos, frames = video_frame_ids(batch)
-                    binary_meter.update(foreground_logits(logits), target, videos, frames)
-                if pictures is not None:
-                    pictures.add(
-                        list(batch["key"]), batch["image"], target, labels, scores, logmels=audio,
-                        sounding=batch.get("classes"), videos=batch.get("video"), frames=batch.get("frame"),
-                    )
-                if progress is not None:
-                    bar, task_id = progress
-                    bar.advance(task_id, len(batch["key"]) * context.world_size)
-    finally:
-        model.train(was_training)
-
-    meter.all_reduce()
-    result = meter.compute()
-    result["per_class"] = class_entries(result["per_class"], class_names)
-    if binary_meter is not None:
-        binary_meter.all_reduce()
-        binary_result = binary_meter.compute()
-        for name in ("avsbench_miou", "avsbench_fscore", "num_videos", "num_empty_target_frames", "duplicate_frames"):
-            result[name] = binary_result[name]
-        # The per-class AVSS numbers are not the binary protocol's; leave them out.
-        for entry in result["per_class"].values():
-            for name in ("avsbench_frames", "avsbench_iou", "avsbench_fscore"):
-                entry.pop(name, None)
-        result["avsbench_protocol"] = "AVSBench S4/MS3 (binary, per video)"
-    else:
-        result["avsbench_protocol"] = "AVSBench AVSS (semantic, per frame)"
+    _score_batches(model, control(loader), context, (meter, binary_meter), pictures, progress)
+    # The collectives run in the same order on every rank: meters, pictures, unchanged frames.
+    result = reduce_scores(meter, binary_meter, class_names)
     if pictures is not None:
         pictures.gather()
-    unchanged = torch.tensor([control.unchanged_frames], dtype=torch.float64)
-    if context.is_distributed and dist.is_available() and dist.is_initialized():
-        unchanged = unchanged.to(device if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(unchanged)
     result.update(
         binary=binary,
         num_classes=meter.num_classes,
         audio_control=audio_control,
-        audio_control_unchanged_frames=int(unchanged.item()),
+        audio_control_unchanged_frames=_unchanged_frames(control, context),
     )
     return result
 
@@ -486,40 +540,83 @@ def run_evaluation(
     A split not scored whole (frames of a corrupt or cut shard skipped) gives `"partial": true`
     with `counts.frames_not_scored` and `skipped_shards`, and a warning; `ddeseg evaluate` then
     exits 3 unless `--allow-partial`."""
-    from ddeseg.data.shards import ShardIndex
-    from ddeseg.data.stream import count_data_errors, make_eval_loader
-    from ddeseg.progress import console, stage_progress
-
     out_dir = require_output_folder(paths.out)
+    index, loaded = load_checked(config, paths)
+    config = loaded.config  # resolved (eval.audio_control and eval.split are checked on load)
+    task, split = config.task, config.eval.split
+    class_names = index.task_class_names(task)
+    _warn_checkpoint(loaded, index, context)
+    shards = index.shards(task, split)
+    total = index.count(task, split, annotated_only=True)
+    errors_dir = out_dir / "data_errors"
+    result, collector = _evaluate_split(loaded.model, config, index, shards, total, errors_dir, context, progress=progress)
+    barrier()  # every rank's loader workers have written their error logs
+    report = build_report(result, config, paths.checkpoint, loaded, total=total, errors_dir=errors_dir, world_size=context.world_size)
+    report.update(partial_result(report["counts"]["frames_not_scored"], errors_dir, shards, index.root))
+    if context.is_main:
+        _write_and_announce(report, collector, out_dir, class_names, config, errors_dir)
+    return report
+
+
+def load_checked(config: ConfigSource, paths: EvaluatePaths) -> tuple[ShardIndex, InferenceModel]:
+    """`(ShardIndex, InferenceModel)`: the shard folder and the checkpoint, checked against each
+    other before any frame is read (overrides, front end, number of classes, memory bank)."""
+    from ddeseg.data.shards import ShardIndex
+
     check_overrides(config.overrides)  # a typo fails now, not after the checkpoint is read
     index = ShardIndex(paths.shards)
     loaded = load_for_inference(paths.checkpoint, config.file, config.overrides, paths.memory_bank)
-    config = loaded.config  # resolved (eval.audio_control and eval.split are checked on load)
-    audio_control, model = config.eval.audio_control, loaded.model
-    index.check_frontend(model, checkpoint=paths.checkpoint)  # shards' log-mels vs the model's filterbank
-    task, split = config.task, config.eval.split
+    index.check_frontend(loaded.model, checkpoint=paths.checkpoint)  # shards' log-mels vs the model's filterbank
+    task = loaded.config.task
     expected = index.num_outputs(task)
-    if config.model.num_classes != expected:
+    if loaded.config.model.num_classes != expected:
         raise DDESegError(
-            f"the model has {config.model.num_classes} output classes but task {task!r} of {index.root} needs"
+            f"the model has {loaded.config.model.num_classes} output classes but task {task!r} of {index.root} needs"
             f" {expected}: evaluate it on its own task (--task) or with the matching --config"
         )
     require_bank_classes(loaded, len(index.bank_class_ids(task)), f"{task} of {index.root}")
-    class_names = index.task_class_names(task)
+    return index, loaded
+
+
+def _warn_checkpoint(loaded: InferenceModel, index: ShardIndex, context: DistributedContext) -> None:
+    """On the main rank, the checkpoint's own warning and a class list unlike the shards'."""
+    from ddeseg.progress import console
+
     if loaded.warning() and context.is_main:
         console.print(f"[yellow]warning[/]: {loaded.warning()}")
     if loaded.classes and loaded.classes != index.class_names() and context.is_main:
         console.print(f"[yellow]warning[/]: the checkpoint's class list differs from the one of {index.root}")
-    shards = index.shards(task, split)
-    total = index.count(task, split, annotated_only=True)
 
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
-    model.to(context.device)
-    errors_dir = out_dir / "data_errors"
+
+def _clear_errors_dir(errors_dir: Path, context: DistributedContext) -> None:
+    """Remove a previous run's data-error logs on the main rank; every rank waits for it."""
     if context.is_main and errors_dir.exists():
         shutil.rmtree(errors_dir)  # a previous run's skips are not this run's
     barrier()
+
+
+def _evaluate_split(
+    model: torch.nn.Module,
+    config: Config,
+    index: ShardIndex,
+    shards: Sequence[str],
+    total: int,
+    errors_dir: Path,
+    context: DistributedContext,
+    *,
+    progress: bool,
+) -> tuple[dict[str, Any], PictureCollector]:
+    """`evaluate_model`'s result and pictures on `shards` (`config`'s task and split, `total`
+    annotated frames), run deterministically on `context.device` under a frames progress bar;
+    the loaders log unreadable data in `errors_dir`, emptied first of a previous run's logs."""
+    from ddeseg.data.stream import make_eval_loader
+    from ddeseg.progress import stage_progress
+
+    task, split = config.task, config.eval.split
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    model.to(context.device)
+    _clear_errors_dir(errors_dir, context)
     loader = make_eval_loader(
         shards,
         config,
@@ -537,16 +634,32 @@ def run_evaluation(
             loader,
             config,
             context,
-            audio_control=audio_control,
+            audio_control=config.eval.audio_control,
             pictures=collector,
-            class_names=class_names,
+            class_names=index.task_class_names(task),
             progress=(bar, task_id),
         )
         # The frames scored, not the manifest's count: a bar must not claim a split it did not score.
         bar.update(task_id, completed=result["num_frames"])
-    barrier()  # every rank's loader workers have written their error logs
-    not_scored = max(0, total - int(result["num_frames"]))
-    report = {
+    return result, collector
+
+
+def build_report(
+    result: dict[str, Any],
+    config: Config,
+    checkpoint: Path,
+    loaded: InferenceModel,
+    *,
+    total: int,
+    errors_dir: Path,
+    world_size: int,
+) -> dict[str, Any]:
+    """The eval.json dict (without `partial` and pictures) from `evaluate_model`'s `result` on
+    `config`'s task and split of `total` annotated frames, the `loaded` checkpoint's provenance,
+    and the data errors the loaders logged in `errors_dir`."""
+    from ddeseg.data.stream import count_data_errors
+
+    return {
         "miou": result["miou"],
         "fscore": result["fscore"],
         "f1": result["f1"],
@@ -555,41 +668,49 @@ def run_evaluation(
         "avsbench_protocol": result["avsbench_protocol"],
         "per_class": {entry["name"]: {"id": k, **_plain(entry, drop=("name",))} for k, entry in result["per_class"].items()},
         "confusion": result.get("confusion"),  # [GT][predicted] pixels; write_outputs summarises it
-        "task": task,
-        "split": split,
+        "task": config.task,
+        "split": config.eval.split,
         "binary": result["binary"],
         "num_classes": result["num_classes"],
-        "checkpoint": str(paths.checkpoint),
+        "checkpoint": str(checkpoint),
         "checkpoint_format": loaded.format,
         "checkpoint_step": loaded.step,
         "memory_bank": loaded.memory_bank,
-        "audio_control": audio_control,
+        "audio_control": config.eval.audio_control,
         "audio_control_unchanged_frames": result["audio_control_unchanged_frames"],
         "counts": {
             "frames": result["num_frames"],
             "frames_in_manifest": total,
             "pixels": result["num_pixels"],
             "classes_evaluated": result["num_classes_evaluated"],
-            "frames_not_scored": not_scored,
+            "frames_not_scored": max(0, total - int(result["num_frames"])),
             "skipped_samples": count_data_errors(errors_dir),
-            "world_size": context.world_size,
+            "world_size": world_size,
             **{k: result[k] for k in ("num_videos", "num_empty_target_frames", "duplicate_frames") if k in result},
         },
     }
-    report.update(partial_result(not_scored, errors_dir, shards, index.root))
-    if context.is_main:
-        write_outputs(report, collector, out_dir, class_names)
-        write_stage_config(config, out_dir)
-        print_report(report, console)
-        if report["partial"]:
-            # print, not rich: one line whatever the terminal width, as the CLI's errors
-            print(
-                f"warning: partial result: {not_scored} of {total} frames of {task}/{split} not scored (unreadable"
-                f" data in {', '.join(report['skipped_shards']) or 'a shard'}; details in {errors_dir});"
-                ' eval.json says "partial": true',
-                file=sys.stderr, flush=True,
-            )
-    return report
+
+
+def _write_and_announce(
+    report: dict[str, Any], collector: PictureCollector, out_dir: Path, class_names: Sequence[str], config: Config, errors_dir: Path
+) -> None:
+    """The main rank's part: eval.json / eval.md / eval.html / pictures, config.yaml, the score
+    tables, and a one-line warning on stderr when the result is partial."""
+    from ddeseg.progress import console
+
+    write_outputs(report, collector, out_dir, class_names)
+    write_stage_config(config, out_dir)
+    print_report(report, console)
+    if report["partial"]:
+        counts = report["counts"]
+        # print, not rich: one line whatever the terminal width, as the CLI's errors
+        print(
+            f"warning: partial result: {counts['frames_not_scored']} of {counts['frames_in_manifest']} frames of"
+            f" {report['task']}/{report['split']} not scored (unreadable"
+            f" data in {', '.join(report['skipped_shards']) or 'a shard'}; details in {errors_dir});"
+            ' eval.json says "partial": true',
+            file=sys.stderr, flush=True,
+        )
 
 
 def partial_result(not_scored: int, errors_dir: Path, shards: Sequence[str], root: Path) -> dict[str, Any]:
