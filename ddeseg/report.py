@@ -260,13 +260,16 @@ def plot_training_curves(metrics_path: Path, png_path: Path) -> Path:
     loss_axis.set_xlabel("step")
     loss_axis.set_ylabel("training loss")
     loss_axis.grid(alpha=0.3)
-    loss_axis.legend(loc="upper left", fontsize=7)
+    handles, labels = loss_axis.get_legend_handles_labels()
     if val_records:
         miou_axis = loss_axis.twinx()
-        miou_axis.plot([r["step"] for r in val_records], [r["miou"] for r in val_records], "o-", color="tab:green", label="val mIoU")
+        miou_axis.plot([r["step"] for r in val_records], [r["miou"] for r in val_records], "o-", color="tab:purple", label="val mIoU")
         miou_axis.set_ylabel("val mIoU")
         miou_axis.set_ylim(0, 1)
-        miou_axis.legend(loc="upper right", fontsize=7)
+        more_handles, more_labels = miou_axis.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    # One legend above the plot: inside it, it covered the start of the loss curve.
+    loss_axis.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(labels), fontsize=7, frameon=False)
     figure.tight_layout()
     figure.savefig(png_path)
     plt.close(figure)
