@@ -300,11 +300,7 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 
 def check_training_keys(config: Config) -> None:
     """Raise `ConfigError` naming the first training key whose value is out of range."""
-    for dotted, (bound, strict) in TRAINING_KEY_RANGES.items():
-        section, key = dotted.split(".")
-        value = getattr(getattr(config, section), key)
-        if value is not None and (value <= bound if strict else value < bound):
-            raise ConfigError(f"{dotted} must be {'>' if strict else '>='} {bound}, got {value!r}: set it in the config or with --set {dotted}=...")
+    _check_table(config, TRAINING_KEY_RANGES, {})
     betas = config.train.betas
     if len(betas) != 2 or not all(0 <= beta < 1 for beta in betas):
         raise ConfigError(f"train.betas must be two numbers in [0, 1), got {list(betas)}")
@@ -355,18 +351,23 @@ STAGE_KEY_CHOICES: dict[str, tuple[str, ...]] = {
 def check_stage_keys(config: Config) -> None:
     """Raise `ConfigError` naming the first stage key (prepare, memory_bank, eval, predict) whose
     value is out of range or not one of its choices."""
-    for dotted in (*STAGE_KEY_RANGES, *STAGE_KEY_CHOICES):
+    _check_table(config, STAGE_KEY_RANGES, STAGE_KEY_CHOICES)
+
+
+def _check_table(config: Config, ranges: dict[str, tuple[float, bool]], choices: dict[str, tuple[str, ...]]) -> None:
+    """The one range/choice check behind both tables: the first offending key, named, with how
+    to set it. None passes a range (a key's "off" or "derive it" value where its type allows)."""
+    for dotted in (*ranges, *choices):
         section, key = dotted.split(".")
         value = getattr(getattr(config, section), key)
-        choices = STAGE_KEY_CHOICES.get(dotted)
-        if choices is not None:
-            if value not in choices:
-                raise ConfigError(f"{dotted} must be one of {', '.join(choices)}, got {value!r}")
+        how = f"set it in the config, with --set {dotted}=... or its option"
+        if dotted in choices:
+            if value not in choices[dotted]:
+                raise ConfigError(f"{dotted} must be one of {', '.join(choices[dotted])}, got {value!r}: {how}")
             continue
-        bound, strict = STAGE_KEY_RANGES[dotted]
-        if value <= bound if strict else value < bound:
-            sign = ">" if strict else ">="
-            raise ConfigError(f"{dotted} must be {sign} {bound}, got {value!r}: set it in the config, with --set {dotted}=... or its option")
+        bound, strict = ranges[dotted]
+        if value is not None and (value <= bound if strict else value < bound):
+            raise ConfigError(f"{dotted} must be {'>' if strict else '>='} {bound}, got {value!r}: {how}")
 
 
 # --------------------------------------------------------------------------------------------
