@@ -33,7 +33,7 @@ loaders, and the steps/s of a tiny training run on the CPU.
      after the first `workers` (worker start-up excluded); end to end: from `iter(loader)`.
    - CPU ms per sample in this process (no workers, one torch thread), which does not depend on
      other load; and, for each per-file loader, the CPU ms of each of its steps.
-3. `ddeseg.engine.train.train` with `configs/tiny.yaml` for `--steps` steps on the CPU (random
+3. `ddeseg.pipelines.train.train` with `configs/tiny.yaml` for `--steps` steps on the CPU (random
    memory bank); steps/s from its `metrics.jsonl` windows after the first (the first holds the
    loader start-up), and the wall time of the whole call (model build, final validation and
    checkpoints included).
@@ -76,7 +76,7 @@ BASELINE_AUGMENTS = ("ours", "official")
 def build_data(work: Path, videos: int, image_size: int, cfg: Any) -> tuple[Path, Path, dict[str, float]]:
     """Raw `ddeseg`-layout dataset and its shards under `work`; returns (raw, shards, seconds)."""
     from ddeseg.pipelines.prepare import PreparePaths, prepare
-    from ddeseg.pipelines.sources.synthetic import generate
+    from ddeseg.pipelines.synth import generate
     from ddeseg.stage import RunOptions
 
     raw, shards = work / "raw", work / "shards"
@@ -460,7 +460,7 @@ def bench_training(shards: Path, work: Path, steps: int) -> dict[str, Any]:
     """`steps` steps of `configs/tiny.yaml` on the CPU; step times from `metrics.jsonl`."""
     from ddeseg.config import load_config
     from ddeseg.distributed import DistributedContext
-    from ddeseg.engine.train import TrainRequest, train
+    from ddeseg.pipelines.train import TrainRequest, train
 
     cfg = load_config(
         TINY_CONFIG,

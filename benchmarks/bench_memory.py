@@ -2,7 +2,7 @@
 
 Prints, for float32 and bf16, each without and with activation checkpointing (visual blocks,
 aligners, head):
-- activation bytes per sample (measured saved tensors, `ddeseg.memory`), and the largest
+- activation bytes per sample (measured saved tensors, `ddeseg.training.memory_plan`), and the largest
   segment rebuilt during the backward pass;
 - the planned peak of one step at the official batch of 50 per GPU (no accumulation);
 - the largest micro-batch (and accumulation keeping batch 50) for 24 / 40 / 80 GiB budgets;
@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from ddeseg.config import load_config  # noqa: E402
 from ddeseg.losses import SegmentationLoss  # noqa: E402
-from ddeseg.memory import (  # noqa: E402
+from ddeseg.training.memory_plan import (  # noqa: E402
     BATCHNORM_NOTE,
     _measurement_batch,
     choose_micro_batch,

@@ -44,7 +44,7 @@ import sklearn
 from sklearn.cluster import KMeans
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from ddeseg.pipelines.memory_bank import cluster_class_embeddings, kmeans_faiss
+from ddeseg.pipelines.build_memory_bank import cluster_class_embeddings, kmeans_faiss
 
 AVSS_CLASSES = 71
 

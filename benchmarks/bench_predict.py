@@ -11,7 +11,7 @@ peak memory (RSS) for a 60 s and a 240 s video, which must be about the same (st
    bank, saved as a training checkpoint. The weights do not change the cost.
 3. Every measurement runs in a fresh subprocess (this script with `--child`), which reports its
    wall times and its own peak RSS (`VmHWM`), so no measurement inherits another's memory:
-   - `predict`: `ddeseg.engine.predict.predict_to_directory`, i.e. all `ddeseg predict` does for one
+   - `predict`: `ddeseg.pipelines.predict.predict_to_directory`, i.e. all `ddeseg predict` does for one
      video (decode, audio windows, model, masks, overlays, overlay.mp4 with the audio,
      predictions.json). Frames/s = sampled frames / wall time (model load excluded). The child
      also reports its peak RSS after loading the model and before the video (`idle`).
@@ -98,7 +98,7 @@ def write_video(path: Path, seconds: int, width: int, height: int, fps: int) -> 
 def write_checkpoint(path: Path) -> Path:
     import torch
 
-    from ddeseg.checkpoint import FORMAT, atomic_torch_save
+    from ddeseg.training.checkpoint import FORMAT, atomic_torch_save
     from ddeseg.config import load_config, to_dict
     from ddeseg.models import build_model
 
@@ -119,7 +119,7 @@ def write_checkpoint(path: Path) -> Path:
 def child_predict(video: Path, checkpoint: Path, out: Path, frames_per_second: float, threads: int) -> dict:
     import torch
 
-    from ddeseg.engine.predict import PredictPaths, load_predictor, predict_to_directory
+    from ddeseg.pipelines.predict import PredictPaths, load_predictor, predict_to_directory
     from ddeseg.stage import ConfigSource
 
     if threads:

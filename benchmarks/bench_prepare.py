@@ -57,7 +57,7 @@ def child(root: str, out: str, workers: int, samples_per_shard: int) -> None:
 def bench_prepare(
     videos: int, image_size: int, workers: int, samples_per_shard: int, scales: list[int], work: Path
 ) -> dict[str, dict]:
-    from ddeseg.pipelines.sources.synthetic import generate
+    from ddeseg.pipelines.synth import generate
 
     results = {}
     for scale in scales:

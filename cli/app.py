@@ -24,7 +24,7 @@ from ddeseg.cli import synth  # noqa: F401
 from ddeseg.cli import prepare  # noqa: F401
 from ddeseg.cli import inspect  # noqa: F401
 from ddeseg.cli import pretrain_audio  # noqa: F401
-from ddeseg.cli import memory_bank  # noqa: F401
+from ddeseg.cli import build_memory_bank  # noqa: F401
 from ddeseg.cli import train  # noqa: F401
 from ddeseg.cli import evaluate  # noqa: F401
 from ddeseg.cli import demo  # noqa: F401

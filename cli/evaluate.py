@@ -1,4 +1,4 @@
-"""`ddeseg evaluate`: parse arguments and call the evaluation stage (`ddeseg.engine.evaluate`)."""
+"""`ddeseg evaluate`: parse arguments and call the evaluation stage (`ddeseg.pipelines.evaluate`)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ counts.frames_not_scored and skipped_shards; --allow-partial accepts such a resu
 PARTIAL_EXIT = 3  # a result on less than the whole split: written, marked, but not a success
 
 
-class AudioControlChoice(str, Enum):  # the values of ddeseg.engine.evaluate.AUDIO_CONTROLS
+class AudioControlChoice(str, Enum):  # the values of ddeseg.pipelines.evaluate.AUDIO_CONTROLS
     none = "none"
     shuffled = "shuffled"
     silent = "silent"
@@ -62,7 +62,7 @@ def evaluate_command(
 ) -> None:
     """Score a checkpoint on a split with the DDESeg and AVSBench protocols, in one process or under torchrun."""
     from ddeseg.distributed import init_distributed, shutdown_distributed
-    from ddeseg.engine.evaluate import EvaluatePaths, run_evaluation
+    from ddeseg.pipelines.evaluate import EvaluatePaths, run_evaluation
     from ddeseg.stage import ConfigSource
 
     settings = {

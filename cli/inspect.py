@@ -36,7 +36,7 @@ def inspect_command(
     from rich.table import Table
 
     from ddeseg.errors import DDESegError
-    from ddeseg.pipelines.shards import dump_sample, manifest_summary
+    from ddeseg.pipelines.shard_writer import dump_sample, manifest_summary
 
     console = Console()
     if dump is not None:

@@ -1,4 +1,4 @@
-"""`ddeseg predict`: parse arguments and call the prediction stage (`ddeseg.engine.predict`)."""
+"""`ddeseg predict`: parse arguments and call the prediction stage (`ddeseg.pipelines.predict`)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def predict_command(
     quiet: bool = options.quiet_option(),
 ) -> None:
     """Segment the sounding objects in your own videos: masks, overlays, an overlay MP4 with sound, predictions.json."""
-    from ddeseg.engine.predict import PredictPaths, run_predict
+    from ddeseg.pipelines.predict import PredictPaths, run_predict
     from ddeseg.stage import ConfigSource, RunOptions
 
     settings = {

@@ -30,7 +30,7 @@ def pretrain_audio_command(
         ddeseg pretrain-audio --shards shards/ --config configs/tiny.yaml --out runs/audio --steps 300
     """
     from ddeseg.config import load_config
-    from ddeseg.engine.pretrain_audio import PretrainAudioPaths, pretrain_audio
+    from ddeseg.pipelines.pretrain_audio import PretrainAudioPaths, pretrain_audio
     from ddeseg.stage import RunOptions
 
     resolved = load_config(config, options.stage_overrides(override, {"task": task, "pretrain_audio.steps": steps}))

@@ -8,7 +8,7 @@ import typer
 
 from ddeseg.cli.app import app
 from ddeseg.errors import DDESegError
-from ddeseg.pipelines.sources.synthetic import DEFAULT_ASPECTS, LAYOUTS, generate
+from ddeseg.pipelines.synth import DEFAULT_ASPECTS, LAYOUTS, generate
 from ddeseg.progress import console, stage_progress
 
 EPILOG = """\

@@ -45,7 +45,7 @@ def train_command(
     """
     from ddeseg.config import load_config
     from ddeseg.distributed import init_distributed, shutdown_distributed
-    from ddeseg.engine.train import TrainRequest, train
+    from ddeseg.pipelines.train import TrainRequest, train
 
     aliases = {"task": task, "train.steps": steps, "train.gpu_memory": gpu_memory, "train.memory_plan": memory_plan}
     overrides = options.stage_overrides(override, aliases) + (["train.epochs_equivalent=null"] if steps else [])

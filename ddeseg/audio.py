@@ -67,7 +67,7 @@ def prepare_frontend(
     import torch
 
     from ddeseg.errors import CheckpointError
-    from ddeseg.models.checkpoint import frontend_state_from_checkpoint
+    from ddeseg.models.weights import frontend_state_from_checkpoint
     from ddeseg.models.frontend import LogMelFrontend, filterbank_fingerprint
 
     frontend = LogMelFrontend(cfg)

@@ -1,6 +1,6 @@
 """Reading an audio memory bank (`bank.npy` of `ddeseg build-memory-bank`): the one reader.
 
-The writer is `ddeseg.pipelines.memory_bank`; train, evaluate and predict all read through
+The writer is `ddeseg.pipelines.build_memory_bank`; train, evaluate and predict all read through
 `read_memory_bank`, so a bank that does not fit the task or the model fails the same way
 everywhere: one line naming the file and what to do, before any work starts.
 """

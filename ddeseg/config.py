@@ -164,7 +164,7 @@ class TrainConfig:
     # visual_blocks, visual_stages, aligners, head (ddeseg.models.ddeseg.CHECKPOINT_PARTS).
     activation_checkpointing: tuple[str, ...] = ()
     # A GPU memory budget such as "24GiB": the micro-batch and gradient accumulation are then
-    # chosen by the memory plan (ddeseg.memory) so that the configured batch is kept.
+    # chosen by the memory plan (ddeseg.training.memory_plan) so that the configured batch is kept.
     gpu_memory: str | None = None
     # Print the memory plan in `ddeseg train`'s start-up table (it measures two short forwards:
     # seconds on a GPU, minutes for the paper config on the CPU). null: on CUDA, or when
@@ -213,7 +213,7 @@ class PrepareConfig:
 
 @dataclass
 class MemoryBankConfig:
-    """`ddeseg build-memory-bank` (see `ddeseg.pipelines.memory_bank`)."""
+    """`ddeseg build-memory-bank` (see `ddeseg.pipelines.build_memory_bank`)."""
 
     k: int = 128  # [--k] centroids per class
     niter: int = 25  # [--niter] K-Means iterations
@@ -319,7 +319,7 @@ def _check_memory_keys(train: TrainConfig) -> None:
         if unknown:
             raise ConfigError(f"train.activation_checkpointing: unknown part(s) {unknown}; choose from {list(CHECKPOINT_PARTS)}")
     if train.gpu_memory is not None:
-        from ddeseg.memory import parse_bytes
+        from ddeseg.training.memory_plan import parse_bytes
 
         try:
             parse_bytes(train.gpu_memory)

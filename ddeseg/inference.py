@@ -1,7 +1,7 @@
 """Checkpoint -> ready model: the one loader of `ddeseg evaluate`, `ddeseg predict` and the demo.
 
 `load_for_inference` reads a checkpoint with the one safe `torch.load`
-(`ddeseg.models.checkpoint.read_checkpoint_file`), takes its config (ours store one; official
+(`ddeseg.models.weights.read_checkpoint_file`), takes its config (ours store one; official
 checkpoints need `config`), reads a memory bank with `ddeseg.bank.read_memory_bank` (official
 checkpoints hold none), builds the model and loads every weight. A checkpoint that does not fill
 the model (missing or shape-mismatched tensors: another architecture or size) is refused with one
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ddeseg.bank import read_memory_bank
-from ddeseg.checkpoint import FORMAT
+from ddeseg.training.checkpoint import FORMAT
 from ddeseg.classes import AVSS_CLASSES, VPO_CLASSES
 from ddeseg.config import Config, config_from_dict, load_config
 from ddeseg.data.shards import read_classes_file, task_class_names
@@ -35,7 +35,7 @@ class InferenceModel:
     model: torch.nn.Module  # a DDESeg with its memory bank, eval mode, on the requested device
     config: Config  # the checkpoint's config (or `config`), overrides applied
     checkpoint: Path
-    format: str  # `ddeseg.checkpoint.FORMAT` for ours, "official" otherwise
+    format: str  # `ddeseg.training.checkpoint.FORMAT` for ours, "official" otherwise
     load_report: str  # `LoadReport.summary()`
     memory_bank: str  # the bank file read, or "checkpoint"
     classes: list[str] = field(default_factory=list)  # the unified class names stored in ours
@@ -73,7 +73,7 @@ def load_for_inference(
         config or bank, or a bad bank.
     """
     from ddeseg.models import build_model, load_checkpoint
-    from ddeseg.models.checkpoint import read_checkpoint_file
+    from ddeseg.models.weights import read_checkpoint_file
 
     path = Path(checkpoint)
     payload = read_checkpoint_file(path)

@@ -7,7 +7,7 @@ and the Markdown always hold the same tables and every cell is escaped by the te
 (HTML autoescaping; `|` escaped in Markdown cells). Figures are paths relative to the report's
 folder, so the folder can be copied as a whole.
 
-`evaluation_sections` turns an eval.json dict (`ddeseg.engine.evaluate`) into the sections both
+`evaluation_sections` turns an eval.json dict (`ddeseg.pipelines.evaluate`) into the sections both
 reports share: overall scores, per class, the confusion summary and the pictures.
 """
 

@@ -136,7 +136,7 @@ def legend_font_px(height: int) -> int:
 
 
 class LegendFrame(Protocol):
-    """What `overlay_with_legend` reads (`ddeseg.predict.FramePrediction` is one)."""
+    """What `overlay_with_legend` reads (`ddeseg.segment.FramePrediction` is one)."""
 
     time_s: float
     image: np.ndarray  # uint8 RGB [H, W, 3]

@@ -98,7 +98,7 @@ def synth_covering_every_class(raw_dir: Path, plan: DemoPlan) -> Path:
     A small budget draws few videos, and a class that no single-source training frame shows has
     no memory-bank row: the bank refuses it. The draw is seeded, so the videos needed for a
     (budget, classes, seed) are always the same; `plan.videos` records the final count."""
-    from ddeseg.pipelines.sources.synthetic import generate
+    from ddeseg.pipelines.synth import generate
 
     videos = plan.videos
     for attempt in range(MAX_SYNTH_TRIES):
@@ -154,10 +154,10 @@ def run_demo(
     `run.overwrite` (the default) replaces an earlier demo's folders in `out`; training and the
     audio pretraining run on the CPU (the demo's numbers are the same on any machine)."""
     from ddeseg.distributed import DistributedContext
-    from ddeseg.engine.evaluate import EvaluatePaths, run_evaluation
-    from ddeseg.engine.pretrain_audio import PretrainAudioPaths, pretrain_audio
-    from ddeseg.engine.train import TrainRequest, train
-    from ddeseg.pipelines.memory_bank import MemoryBankPaths, build_memory_bank
+    from ddeseg.pipelines.evaluate import EvaluatePaths, run_evaluation
+    from ddeseg.pipelines.pretrain_audio import PretrainAudioPaths, pretrain_audio
+    from ddeseg.pipelines.train import TrainRequest, train
+    from ddeseg.pipelines.build_memory_bank import MemoryBankPaths, build_memory_bank
     from ddeseg.pipelines.prepare import PreparePaths, prepare
 
     out = Path(paths.out)

@@ -73,7 +73,7 @@ from ddeseg.data.shards import read_classes_file
 from ddeseg.errors import DataError, DDESegError
 from ddeseg.pipelines.bboxes import export_bbox_json
 from ddeseg.pipelines.records import FrameRef, RecordError, Reject
-from ddeseg.pipelines.shards import (
+from ddeseg.pipelines.shard_writer import (
     STATE_DIR,
     ShardJob,
     fingerprint,

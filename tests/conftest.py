@@ -57,7 +57,7 @@ def micro_config_overrides() -> list[str]:
 def prepared_synthetic(tmp_path_factory) -> PreparedDataset:
     from ddeseg.config import load_config
     from ddeseg.pipelines.prepare import PreparePaths, prepare
-    from ddeseg.pipelines.sources.synthetic import generate
+    from ddeseg.pipelines.synth import generate
     from ddeseg.stage import RunOptions
 
     root = tmp_path_factory.mktemp("synthetic")

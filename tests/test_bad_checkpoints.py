@@ -3,7 +3,7 @@ naming the file (exit 2 through the CLI), never a traceback and never PyTorch's 
 with `weights_only=False` (which would run a stranger's code).
 
 Commands: evaluate, predict, train --init, prepare --audio-checkpoint, build-memory-bank
---audio-checkpoint. Each reads through `ddeseg.models.checkpoint.read_checkpoint_file`.
+--audio-checkpoint. Each reads through `ddeseg.models.weights.read_checkpoint_file`.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ddeseg.checkpoint import load_training_checkpoint
+from ddeseg.training.checkpoint import load_training_checkpoint
 from ddeseg.cli.app import _one_line, app
 from ddeseg.errors import CheckpointError, DDESegError
-from ddeseg.models.checkpoint import read_checkpoint_file
+from ddeseg.models.weights import read_checkpoint_file
 
 REPO = Path(__file__).resolve().parents[1]
 ADVICE = "weights_only=False"

@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 
 from ddeseg.cli.app import _one_line, app
 from ddeseg.errors import DDESegError
-from ddeseg.pipelines.sources.synthetic import generate
+from ddeseg.pipelines.synth import generate
 
 TINY = {"classes": 3, "seed": 7, "image_size": 32}
 SMALL_SHARDS = ["--set", "data.samples_per_shard=8"]
@@ -383,7 +383,7 @@ def test_small_demo_budgets_give_every_class_a_memory_bank_row(tmp_path, minutes
     mean log-mel) finds every class, as the real pipeline's does."""
     from ddeseg.config import load_config
     from ddeseg.pipelines.demo import DemoPlan, synth_covering_every_class
-    from ddeseg.pipelines.memory_bank import MemoryBankPaths, build_memory_bank
+    from ddeseg.pipelines.build_memory_bank import MemoryBankPaths, build_memory_bank
     from ddeseg.pipelines.prepare import PreparePaths, prepare
     from ddeseg.stage import RunOptions
 

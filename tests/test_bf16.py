@@ -14,7 +14,7 @@ import torch
 from test_model_behaviour import single_threaded_torch  # noqa: F401 (autouse fixture)
 from torch import nn
 
-from ddeseg import memory
+from ddeseg.training import memory_plan as memory
 from ddeseg.config import load_config
 from ddeseg.errors import DDESegError
 from ddeseg.losses import SegmentationLoss

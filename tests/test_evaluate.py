@@ -22,14 +22,14 @@ from PIL import Image
 from typer.testing import CliRunner
 from webdataset import TarWriter
 
-from ddeseg.checkpoint import FORMAT, atomic_torch_save
+from ddeseg.training.checkpoint import FORMAT, atomic_torch_save
 from ddeseg.classes import avss_palette
 from ddeseg.cli.app import app
 from ddeseg.config import Config, load_config, to_dict
 from ddeseg.data import schema
 from ddeseg.data.stream import make_eval_loader
 from ddeseg.distributed import DistributedContext
-from ddeseg.engine.evaluate import (
+from ddeseg.pipelines.evaluate import (
     AudioControl,
     PictureCollector,
     evaluate_model,

@@ -71,7 +71,7 @@ def test_the_library_imports_neither_pipelines_nor_cli():
     "source",
     [
         "import ddeseg.pipelines",
-        "def f():\n    from ddeseg.pipelines.shards import write_tar\n",
+        "def f():\n    from ddeseg.pipelines.shard_writer import write_tar\n",
         "def f():\n    import ddeseg.cli.app as app\n",
         "from ddeseg import pipelines",
         "from .. import cli",  # from ddeseg/data/x.py

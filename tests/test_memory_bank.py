@@ -17,7 +17,7 @@ from ddeseg.config import Config
 from ddeseg.data import schema
 from ddeseg.data.schema import SampleMeta, encode_array
 from ddeseg.errors import DDESegError
-from ddeseg.pipelines.memory_bank import (
+from ddeseg.pipelines.build_memory_bank import (
     BANK_FILE,
     BANK_JSON,
     CACHE_FILE,

@@ -1,4 +1,4 @@
-"""The memory plan (ddeseg/memory.py): saved-tensor counts, the plan, the micro-batch choice,
+"""The memory plan (ddeseg/training/memory_plan.py): saved-tensor counts, the plan, the micro-batch choice,
 and the BatchNorm caveat of gradient accumulation, measured."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from test_bf16 import deterministic_tiny
 from test_model_behaviour import single_threaded_torch  # noqa: F401 (autouse fixture)
 from torch import nn
 
-from ddeseg import memory
+from ddeseg.training import memory_plan as memory
 from ddeseg.config import load_config
 from ddeseg.errors import DDESegError
 from ddeseg.losses import SegmentationLoss

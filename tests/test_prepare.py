@@ -38,7 +38,7 @@ from ddeseg.data.schema import (
 from ddeseg.data.shards import task_label_lut
 from ddeseg.data.stream import read_shard_samples
 from ddeseg.pipelines.prepare import PreparePaths, prepare
-from ddeseg.pipelines.sources.synthetic import generate
+from ddeseg.pipelines.synth import generate
 from ddeseg.stage import RunOptions
 
 SEED = 11
@@ -360,7 +360,7 @@ def test_exported_bbox_json_matches_the_official_file(raw, prepared):
 
 
 def test_inspect_summary_and_dump(prepared, tmp_path):
-    from ddeseg.pipelines.shards import dump_sample, manifest_summary
+    from ddeseg.pipelines.shard_writer import dump_sample, manifest_summary
 
     summary = manifest_summary(prepared["avsbench"])
     assert summary["samples"] == sum(c["samples"] for c in summary["splits"].values())

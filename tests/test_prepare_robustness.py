@@ -23,7 +23,7 @@ from ddeseg.config import Config
 from ddeseg.data.schema import sample_key
 from ddeseg.errors import DataError
 from ddeseg.pipelines.prepare import PreparePaths, prepare
-from ddeseg.pipelines.sources.synthetic import generate
+from ddeseg.pipelines.synth import generate
 from ddeseg.stage import RunOptions
 
 CLI = [sys.executable, "-m", "ddeseg", "prepare"]

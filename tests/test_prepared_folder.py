@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddeseg.checkpoint import FORMAT, atomic_torch_save
+from ddeseg.training.checkpoint import FORMAT, atomic_torch_save
 from ddeseg.config import load_config, to_dict
 from ddeseg.data import schema
 from ddeseg.data.shards import ShardIndex, read_classes_file

@@ -13,8 +13,8 @@ import torch
 
 from ddeseg.config import load_config
 from ddeseg.distributed import DistributedContext
-from ddeseg.engine.recipe import check_run_dir, save_training_checkpoint, warmup_cosine_lr
-from ddeseg.engine.train import TrainRequest, build_run, check_inputs, train_step
+from ddeseg.training.recipe import check_run_dir, save_training_checkpoint, warmup_cosine_lr
+from ddeseg.pipelines.train import TrainRequest, build_run, check_inputs, train_step
 from ddeseg.errors import DDESegError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,8 +109,8 @@ def test_long_functions_reports_a_method_of_81_lines_not_a_function_of_80(tmp_pa
 
 
 def test_engine_and_predict_functions_are_short():
-    """Each function of `ddeseg/engine/` and `ddeseg/predict.py` reads on one screen (issue 13:
-    none over 80 lines), and `ddeseg/predict.py` stays under 400 lines."""
+    """Each function of `pipelines/` and `ddeseg/segment.py` reads on one screen (issue 13:
+    none over 80 lines), and `ddeseg/segment.py` stays under 400 lines."""
     engine = sorted((REPO / "ddeseg" / "engine").glob("*.py"))
     names = {path.name for path in engine}
     # A wrong folder would find no module and pass vacuously; these must be among those checked.
@@ -119,4 +119,4 @@ def test_engine_and_predict_functions_are_short():
     offenders = [found for path in [*engine, predict] for found in long_functions(path, 80)]
     assert offenders == [], offenders
     lines = len(predict.read_text().splitlines())
-    assert lines < 400, f"ddeseg/predict.py has {lines} lines (issue 13: under 400)"
+    assert lines < 400, f"ddeseg/segment.py has {lines} lines (issue 13: under 400)"

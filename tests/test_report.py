@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddeseg.engine.evaluate import PictureCollector, class_entries, write_outputs
+from ddeseg.pipelines.evaluate import PictureCollector, class_entries, write_outputs
 from ddeseg.metrics import SegmentationMeter
 from ddeseg.pipelines.demo import write_report
 from ddeseg.report import confusion_summary

@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from ddeseg.engine.run_log import RunLog
+from ddeseg.training.run_log import RunLog
 from ddeseg.errors import DDESegError
 
 

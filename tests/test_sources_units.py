@@ -18,7 +18,7 @@ from ddeseg.data.shards import task_label_lut
 from ddeseg.data.stream import read_shard_samples
 from ddeseg.pipelines.bboxes import export_bbox_json
 from ddeseg.pipelines.records import AudioSpec, ClassList, FrameRef, RecordError
-from ddeseg.pipelines.shards import plan_shards, write_tar
+from ddeseg.pipelines.shard_writer import plan_shards, write_tar
 from ddeseg.pipelines.sources.common import (
     UNKNOWN,
     decode_binary_mask,

@@ -19,7 +19,7 @@ from test_memory_bank import DIM, CountingEmbedder, build_bank, write_tiny_shard
 from ddeseg.cli.app import main
 from ddeseg.cli.options import stage_overrides
 from ddeseg.config import Config, ConfigError, load_config, to_dict
-from ddeseg.pipelines.sources.synthetic import generate
+from ddeseg.pipelines.synth import generate
 
 
 def run_cli(monkeypatch, capsys, *argv: str) -> tuple[int, str]:

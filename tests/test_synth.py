@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 from ddeseg.classes import COCO_TO_VPO, avss_palette
 from ddeseg.cli.app import app
 from ddeseg.errors import DDESegError
-from ddeseg.pipelines.sources.synthetic import META_NAME, generate
-from ddeseg.pipelines.sources.synthetic_scenes import band_energy
+from ddeseg.pipelines.synth import META_NAME, generate
+from ddeseg.pipelines.synthetic.scenes import band_energy
 
 RATE = 16_000
 TINY = {"classes": 6, "image_size": 64, "offscreen_rate": 0.6, "silent_rate": 0.25, "seed": 3}

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from ddeseg.checkpoint import load_training_checkpoint
+from ddeseg.training.checkpoint import load_training_checkpoint
 from ddeseg.config import load_config
 from ddeseg.distributed import DistributedContext
-from ddeseg.engine.train import TrainRequest, learning_rate_factor, train
+from ddeseg.pipelines.train import TrainRequest, learning_rate_factor, train
 from ddeseg.errors import DDESegError
 
 

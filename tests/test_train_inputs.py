@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ddeseg.checkpoint import load_training_checkpoint
+from ddeseg.training.checkpoint import load_training_checkpoint
 from ddeseg.config import ConfigError, load_config, to_dict
 from ddeseg.distributed import DistributedContext
-from ddeseg.engine.train import RUN_OUTPUTS, TrainRequest, check_resume_config, train
+from ddeseg.pipelines.train import RUN_OUTPUTS, TrainRequest, check_resume_config, train
 from ddeseg.errors import DDESegError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,7 +130,7 @@ def prepared_binary(tmp_path_factory):
     from conftest import DEMO_CONFIG, MICRO_OVERRIDES, PreparedDataset
 
     from ddeseg.pipelines.prepare import PreparePaths, prepare
-    from ddeseg.pipelines.sources.synthetic import generate
+    from ddeseg.pipelines.synth import generate
     from ddeseg.stage import RunOptions
 
     root = tmp_path_factory.mktemp("binary")

@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from ddeseg import memory, progress
-from ddeseg.checkpoint import load_training_checkpoint
+from ddeseg import progress
+from ddeseg.training import memory_plan as memory
+from ddeseg.training.checkpoint import load_training_checkpoint
 from ddeseg.config import ConfigError, load_config
 from ddeseg.distributed import DistributedContext
-from ddeseg.engine.train import (
+from ddeseg.pipelines.train import (
     TrainRequest,
     build_run,
     check_inputs,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddeseg.engine.evaluate import PictureCollector
+from ddeseg.pipelines.evaluate import PictureCollector
 from ddeseg.visualize import (
     AUDIO_STRIP_PX,
     GAP_PX,

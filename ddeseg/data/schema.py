@@ -1,6 +1,6 @@
 """The shard sample: one annotated (or explicitly unannotated) video frame and its second of audio.
 
-Defined once here, used by the writer (`ddeseg.pipelines.shards`) and every reader
+Defined once here, used by the writer (`ddeseg.pipelines.shard_writer`) and every reader
 (`ddeseg.data.stream`, evaluation, memory bank, `ddeseg inspect`).
 
 A sample in a WebDataset tar is a group of files sharing a key (`__key__`):

@@ -5,7 +5,7 @@ Modules: `frontend` (log-mel, shared with the data pipeline), `htsat` (audio bac
 backbone), `head` (SegFormer decoders), `ddeseg` (assembly), `checkpoint` (loading).
 """
 
-from ddeseg.models.checkpoint import LoadReport, load_checkpoint
+from ddeseg.models.weights import LoadReport, load_checkpoint
 from ddeseg.models.ddeseg import DDESeg, build_model
 from ddeseg.models.frontend import LogMelFrontend, frames_for, spec_augment
 

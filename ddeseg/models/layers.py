@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-# Set by `checkpoint_probe` while `ddeseg.memory` counts activations: checkpointed segments then
+# Set by `checkpoint_probe` while `ddeseg.training.memory_plan` counts activations: checkpointed segments then
 # run plainly and report their inputs and what they save (see `run_checkpointed`).
 _PROBE: Callable[..., Any] | None = None
 

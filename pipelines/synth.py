@@ -87,8 +87,8 @@ import numpy as np
 from ddeseg.classes import AVSS_CLASSES, AVSS_TASKS, COCO_TO_VPO, SPLITS, VPO_CLASSES, VPO_TASKS, avss_palette
 from ddeseg.errors import DDESegError
 from ddeseg.fileio import building_directory
-from ddeseg.pipelines.sources import synthetic_layouts as layouts
-from ddeseg.pipelines.sources import synthetic_scenes as scenes
+from ddeseg.pipelines.synthetic import layouts as layouts
+from ddeseg.pipelines.synthetic import scenes as scenes
 
 LAYOUTS = ("avsbench", "ddeseg", "vpo")
 LAYOUT_TASKS = {"avsbench": AVSS_TASKS, "ddeseg": AVSS_TASKS + VPO_TASKS, "vpo": VPO_TASKS}

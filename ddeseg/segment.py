@@ -21,7 +21,7 @@ softmax up to exact ties), or `logit > 0` (sigmoid > 0.5) for a binary model (fo
 The resize runs a few classes at a time (`labels_at_size`) so that a 71-class model on a 4K frame
 needs a few hundred MB, not gigabytes.
 
-The `ddeseg predict` stage (one folder per video) is `ddeseg.engine.predict`.
+The `ddeseg predict` stage (one folder per video) is `ddeseg.pipelines.predict`.
 """
 
 from __future__ import annotations

@@ -83,8 +83,8 @@ def atomic_torch_save(payload: dict[str, Any], path: str | Path) -> Path:
 
 def load_training_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a ddeseg training checkpoint through the one safe loader
-    (`ddeseg.models.checkpoint.read_checkpoint_file`, weights only). Raises `CheckpointError`."""
-    from ddeseg.models.checkpoint import read_checkpoint_file
+    (`ddeseg.models.weights.read_checkpoint_file`, weights only). Raises `CheckpointError`."""
+    from ddeseg.models.weights import read_checkpoint_file
 
     path = Path(path)
     payload = read_checkpoint_file(path, map_location=map_location)

@@ -38,7 +38,7 @@ from ddeseg.classes import avss_palette
 from ddeseg.config import Config, check_overrides
 from ddeseg.fileio import building_directory
 from ddeseg.inference import InferenceModel, load_for_inference, require_output_folder, resolve_class_names
-from ddeseg.predict import MASKS_DIR, OVERLAYS_DIR, frame_name, predict_video
+from ddeseg.segment import MASKS_DIR, OVERLAYS_DIR, frame_name, predict_video
 from ddeseg.stage import ConfigSource, RunOptions, write_stage_config
 from ddeseg.video import (
     OverlayVideoWriter,

@@ -12,7 +12,7 @@ benchmarks are; the classifier still learns each class's sound from the many cle
 Output: `RUN_DIR/audio.pt`, a bare HTS-AT state dict under `state_dict` (what
 `ddeseg.models.load_checkpoint` reads as format `htsat`), with `classes`, `config`, the final
 validation metrics and the RNG state beside it (written as `train`'s checkpoints are, by
-`ddeseg.engine.recipe`, which also gives the schedule); `RUN_DIR/metrics.jsonl`, `RUN_DIR/config.yaml`.
+`ddeseg.training.recipe`, which also gives the schedule); `RUN_DIR/metrics.jsonl`, `RUN_DIR/config.yaml`.
 
 Log-mels come from the shards (precomputed by `prepare`) and are held in memory as float16:
 about 11 KB a clip, 0.5 GB for all of AVSS.
@@ -36,8 +36,8 @@ from ddeseg.data import schema
 from ddeseg.data.shards import ShardIndex
 from ddeseg.data.stream import read_shard_samples
 from ddeseg.distributed import resolve_device
-from ddeseg.engine.recipe import check_run_dir, save_training_checkpoint, warmup_cosine_lr
-from ddeseg.engine.run_log import RunLog
+from ddeseg.training.recipe import check_run_dir, save_training_checkpoint, warmup_cosine_lr
+from ddeseg.training.run_log import RunLog
 from ddeseg.errors import DataError
 from ddeseg.models import build_model
 from ddeseg.progress import console, stage_progress, training_progress

@@ -81,7 +81,7 @@ from ddeseg.data.shards import ShardIndex
 from ddeseg.data.stream import read_shard_samples
 from ddeseg.distributed import resolve_device
 from ddeseg.errors import DataError, DDESegError
-from ddeseg.pipelines.shards import write_atomic
+from ddeseg.pipelines.shard_writer import write_atomic
 from ddeseg.progress import stage_progress
 from ddeseg.stage import RunOptions, write_stage_config
 

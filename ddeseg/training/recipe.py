@@ -5,7 +5,7 @@
   only continued with `--resume` or replaced with `--overwrite`).
 - `save_training_checkpoint`: the atomic checkpoint write with every rank's RNG state.
 
-The metrics log both write is `ddeseg.engine.run_log.RunLog`.
+The metrics log both write is `ddeseg.training.run_log.RunLog`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ddeseg.checkpoint import atomic_torch_save, capture_rng_state
+from ddeseg.training.checkpoint import atomic_torch_save, capture_rng_state
 from ddeseg.distributed import DistributedContext
 from ddeseg.errors import DDESegError
 

@@ -1,5 +1,5 @@
 """`ddeseg build-memory-bank`: parse arguments, build the config, call
-`ddeseg.pipelines.memory_bank.build_memory_bank`."""
+`ddeseg.pipelines.build_memory_bank.build_memory_bank`."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def build_memory_bank_command(
     from rich.console import Console
 
     from ddeseg.config import load_config
-    from ddeseg.pipelines.memory_bank import MemoryBankPaths, build_memory_bank, summary_table
+    from ddeseg.pipelines.build_memory_bank import MemoryBankPaths, build_memory_bank, summary_table
     from ddeseg.stage import RunOptions
 
     settings = {

@@ -20,7 +20,7 @@ identical weights (tested on the CPU).
 A run folder that already holds a run is refused unless `--resume` (continue it; the config
 must be the run's, see `RESUME_MAY_CHANGE`) or `--overwrite` (replace it) is given.
 
-Memory (`ddeseg.memory`): `train.activation_checkpointing`, SyncBatchNorm under torchrun on CUDA
+Memory (`ddeseg.training.memory_plan`): `train.activation_checkpointing`, SyncBatchNorm under torchrun on CUDA
 (`train.sync_batchnorm`), `train.compile`, and the run's precision (`run_precision`: autocast on
 CUDA; float32 on the CPU unless `train.cpu_autocast`). With `train.gpu_memory` the memory plan
 picks the micro-batch and the accumulation that keep the configured batch
@@ -48,17 +48,17 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ddeseg.bank import read_memory_bank
-from ddeseg.checkpoint import FORMAT, load_training_checkpoint, restore_rng_state
+from ddeseg.training.checkpoint import FORMAT, load_training_checkpoint, restore_rng_state
 from ddeseg.config import Config, save_config, to_dict
 from ddeseg.data.shards import ShardIndex
 from ddeseg.data.stream import count_data_errors, make_eval_loader, make_train_loader
 from ddeseg.distributed import DistributedContext, all_reduce_mean, barrier
-from ddeseg.engine.evaluate import evaluate_model
-from ddeseg.engine.recipe import check_run_dir, clear_run_outputs, save_training_checkpoint, warmup_cosine_lr
-from ddeseg.engine.run_log import RunLog
+from ddeseg.pipelines.evaluate import evaluate_model
+from ddeseg.training.recipe import check_run_dir, clear_run_outputs, save_training_checkpoint, warmup_cosine_lr
+from ddeseg.training.run_log import RunLog
 from ddeseg.errors import DDESegError
 from ddeseg.losses import SegmentationLoss
-from ddeseg.memory import (
+from ddeseg.training.memory_plan import (
     BATCHNORM_NOTE,
     MemoryPlan,
     autocast,
@@ -445,7 +445,7 @@ def setup_model(model: torch.nn.Module, config: Config, context: DistributedCont
 
 
 def plan_memory(run: Run) -> None:
-    """The run's memory plan (`ddeseg.memory.plan`), measured on its model and device when
+    """The run's memory plan (`ddeseg.training.memory_plan.plan`), measured on its model and device when
     `train.gpu_memory` is set, `train.memory_plan` is true, or it is null and the device is CUDA
     (measuring takes seconds on a GPU, minutes for the paper config on the CPU).
 
