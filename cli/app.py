@@ -17,8 +17,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-# Commands register themselves in their modules; the import order is the order in `--help`
-# (the pipeline's order), so these lines are not sorted.
+# Each command module records its command (`cli/registry.py`); the import order is the order in
+# `--help` (the pipeline's order), so these lines are not sorted.
 # ruff: noqa: I001
 from ddeseg.cli import synth  # noqa: F401
 from ddeseg.cli import prepare  # noqa: F401
@@ -29,6 +29,10 @@ from ddeseg.cli import train  # noqa: F401
 from ddeseg.cli import evaluate  # noqa: F401
 from ddeseg.cli import demo  # noqa: F401
 from ddeseg.cli import predict  # noqa: F401
+from ddeseg.cli.registry import COMMANDS
+
+for _name, _settings, _function in COMMANDS:
+    app.command(_name, **_settings)(_function)
 
 
 def main() -> None:

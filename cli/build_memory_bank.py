@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from ddeseg.cli import options
-from ddeseg.cli.app import app
+from ddeseg.cli.registry import command
 
 
 class MissingFill(str, Enum):
@@ -26,7 +26,7 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False)
 
 
-@app.command("build-memory-bank", no_args_is_help=True)
+@command("build-memory-bank", no_args_is_help=True)
 def build_memory_bank_command(
     shards: Path = typer.Option(..., "--shards", help="Prepared directory (SHARDS_DIR) of `ddeseg prepare`."),
     k: int | None = typer.Option(None, "--k", min=1, help="Centroids (K-Means clusters) per class. (config: memory_bank.k, default 128)"),

@@ -7,10 +7,10 @@ from pathlib import Path
 import typer
 
 from ddeseg.cli import options
-from ddeseg.cli.app import app
+from ddeseg.cli.registry import command
 
 
-@app.command("demo")
+@command("demo")
 def demo_command(
     out: Path = typer.Option(Path("demo-out"), "--out", help="Folder for everything the demo writes (raw data, shards, runs, report, config.yaml)."),
     minutes: float = typer.Option(6.0, "--minutes", min=0.1, help="Rough pipeline budget on 2 CPU cores; data and steps scale with it (small budgets still synthesise enough videos for every class to have training frames)."),

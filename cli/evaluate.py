@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from ddeseg.cli import options
-from ddeseg.cli.app import app
+from ddeseg.cli.registry import command
 
 EPILOG = """\
 Examples:
@@ -41,7 +41,7 @@ class AudioControlChoice(str, Enum):  # the values of ddeseg.pipelines.evaluate.
     silent = "silent"
 
 
-@app.command("evaluate", no_args_is_help=True, epilog=EPILOG)
+@command("evaluate", no_args_is_help=True, epilog=EPILOG)
 def evaluate_command(
     checkpoint: Path = options.checkpoint_option(),
     shards: Path = options.shards_option(),

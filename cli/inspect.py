@@ -6,10 +6,10 @@ from pathlib import Path
 
 import typer
 
-from ddeseg.cli.app import app
+from ddeseg.cli.registry import command
 
 
-@app.command("inspect", no_args_is_help=True)
+@command("inspect", no_args_is_help=True)
 def inspect_command(
     shards_dir: Path = typer.Argument(
         ..., exists=True, file_okay=False, help="Folder written by `ddeseg prepare`."

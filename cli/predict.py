@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from ddeseg.cli import options
-from ddeseg.cli.app import app
+from ddeseg.cli.registry import command
 
 EPILOG = """\
 Examples:
@@ -30,7 +30,7 @@ that is a file) exits 2 with one line; a run that writes no video leaves no OUT 
 """
 
 
-@app.command("predict", no_args_is_help=True, epilog=EPILOG)
+@command("predict", no_args_is_help=True, epilog=EPILOG)
 def predict_command(
     videos: list[Path] = typer.Argument(..., metavar="VIDEO", help="Video files with sound (any format FFmpeg reads).", show_default=False),
     checkpoint: Path = options.checkpoint_option(),

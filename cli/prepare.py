@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from ddeseg.cli import options
-from ddeseg.cli.app import app
+from ddeseg.cli.registry import command
 
 
 class Layout(str, Enum):
@@ -28,7 +28,7 @@ class AVSBenchPart(str, Enum):
     object = "object"
 
 
-@app.command("prepare", no_args_is_help=True)
+@command("prepare", no_args_is_help=True)
 def prepare_command(
     layout: Layout = typer.Option(..., "--layout", help="Raw layout: avsbench (original AVSBench releases), ddeseg (DDESeg reorganised AVSS/VPO), vpo (original VPO); see docs/datasets.md."),
     root: Path = typer.Option(..., "--root", help="Raw dataset folder (RAW_DIR)."),

@@ -7,10 +7,10 @@ from pathlib import Path
 import typer
 
 from ddeseg.cli import options
-from ddeseg.cli.app import app
+from ddeseg.cli.registry import command
 
 
-@app.command("pretrain-audio", no_args_is_help=True)
+@command("pretrain-audio", no_args_is_help=True)
 def pretrain_audio_command(
     shards: Path = options.shards_option(),
     config: Path = options.config_option("Config YAML; its model.audio/frontend sections define the backbone and its pretrain_audio section the recipe.", required=True),

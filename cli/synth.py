@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ddeseg.cli.app import app
+from ddeseg.cli.registry import command
 from ddeseg.errors import DDESegError
 from ddeseg.pipelines.synth import DEFAULT_ASPECTS, LAYOUTS, generate
 from ddeseg.progress import console, stage_progress
@@ -28,7 +28,7 @@ def _split_list(text: str | None) -> list[str]:
     return [item.strip() for item in (text or "").split(",") if item.strip()]
 
 
-@app.command("synth", epilog=EPILOG)
+@command("synth", epilog=EPILOG)
 def synth(
     layout: str = typer.Option(..., help=f"Raw layout to write: {', '.join(LAYOUTS)}. avsbench: the AVSBench releases (Single-source/, Multi-sources/, AVSS metadata.csv + v1s/v1m/v2); ddeseg: DDESeg's reorganised AVSSData/ and VPO_Clean/; vpo: the VPO release (VPO/, vggsound_bench/).", case_sensitive=False),
     out: Path = typer.Option(..., "--out", help="RAW_DIR to create. Must be absent or empty (see --overwrite).", metavar="RAW_DIR"),

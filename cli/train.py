@@ -7,10 +7,10 @@ from pathlib import Path
 import typer
 
 from ddeseg.cli import options
-from ddeseg.cli.app import app
+from ddeseg.cli.registry import command
 
 
-@app.command("train", no_args_is_help=True)
+@command("train", no_args_is_help=True)
 def train_command(
     config: Path = options.config_option("Config YAML, e.g. configs/v2.yaml or configs/tiny.yaml.", required=True),
     shards: Path = options.shards_option(),
