@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from ddeseg.config import load_config  # noqa: E402
 from ddeseg.losses import SegmentationLoss  # noqa: E402
+from ddeseg.models import build_model  # noqa: E402
 from ddeseg.training.memory_plan import (  # noqa: E402
     BATCHNORM_NOTE,
     _measurement_batch,
@@ -46,7 +47,6 @@ from ddeseg.training.memory_plan import (  # noqa: E402
     plan,
     profile_activations,
 )
-from ddeseg.models import build_model  # noqa: E402
 
 PARTS = ("aligners", "head", "visual_blocks")
 BUDGETS = ("24GiB", "40GiB", "80GiB")

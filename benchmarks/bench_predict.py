@@ -98,9 +98,9 @@ def write_video(path: Path, seconds: int, width: int, height: int, fps: int) -> 
 def write_checkpoint(path: Path) -> Path:
     import torch
 
-    from ddeseg.training.checkpoint import FORMAT, atomic_torch_save
     from ddeseg.config import load_config, to_dict
     from ddeseg.models import build_model
+    from ddeseg.training.checkpoint import FORMAT, atomic_torch_save
 
     config = load_config(DEMO_CONFIG)
     torch.manual_seed(0)

@@ -67,8 +67,8 @@ def prepare_frontend(
     import torch
 
     from ddeseg.errors import CheckpointError
-    from ddeseg.models.weights import frontend_state_from_checkpoint
     from ddeseg.models.frontend import LogMelFrontend, filterbank_fingerprint
+    from ddeseg.models.weights import frontend_state_from_checkpoint
 
     frontend = LogMelFrontend(cfg)
     stft_from = "config"

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from ddeseg.errors import DDESegError
+from ddeseg.units import parse_bytes
 
 # --------------------------------------------------------------------------------------------
 # Model (names follow the official `configs/ddeseg.yaml`; configs/README.md maps them)
@@ -161,7 +162,7 @@ class TrainConfig:
     # numerics on the CPU; fp16 stays CUDA-only). False keeps CPU runs (demo, tests) float32.
     cpu_autocast: bool = False
     # Recompute activations in the backward pass (GPU memory; same gradients): any of
-    # visual_blocks, visual_stages, aligners, head (ddeseg.models.ddeseg.CHECKPOINT_PARTS).
+    # visual_blocks, visual_stages, aligners, head (CHECKPOINT_PARTS below).
     activation_checkpointing: tuple[str, ...] = ()
     # A GPU memory budget such as "24GiB": the micro-batch and gradient accumulation are then
     # chosen by the memory plan (ddeseg.training.memory_plan) so that the configured batch is kept.
@@ -295,7 +296,9 @@ TRAINING_KEY_RANGES: dict[str, tuple[float, bool]] = {
     "pretrain_audio.log_every": (1, False),
     "pretrain_audio.eval_every": (1, False),
 }
-PRECISIONS = ("bf16", "fp16", "fp32")
+PRECISIONS = ("fp32", "bf16", "fp16")  # train.precision; autocast (ddeseg.training.memory_plan) reads it here
+# The model parts `train.activation_checkpointing` may name (`DDESeg.set_activation_checkpointing`).
+CHECKPOINT_PARTS = ("visual_stages", "visual_blocks", "aligners", "head")
 
 
 def check_training_keys(config: Config) -> None:
@@ -310,17 +313,12 @@ def check_training_keys(config: Config) -> None:
 
 
 def _check_memory_keys(train: TrainConfig) -> None:
-    """`train.activation_checkpointing` names known parts; `train.gpu_memory` is a size. (The
-    imports are lazy: they load torch, which most configs never need for these checks.)"""
+    """`train.activation_checkpointing` names known parts; `train.gpu_memory` is a size."""
     if train.activation_checkpointing:
-        from ddeseg.models.ddeseg import CHECKPOINT_PARTS
-
         unknown = sorted(set(train.activation_checkpointing) - set(CHECKPOINT_PARTS))
         if unknown:
             raise ConfigError(f"train.activation_checkpointing: unknown part(s) {unknown}; choose from {list(CHECKPOINT_PARTS)}")
     if train.gpu_memory is not None:
-        from ddeseg.training.memory_plan import parse_bytes
-
         try:
             parse_bytes(train.gpu_memory)
         except DDESegError as error:

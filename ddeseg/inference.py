@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 from ddeseg.bank import read_memory_bank
-from ddeseg.training.checkpoint import FORMAT
 from ddeseg.classes import AVSS_CLASSES, VPO_CLASSES
 from ddeseg.config import Config, config_from_dict, load_config
 from ddeseg.data.shards import read_classes_file, task_class_names
 from ddeseg.errors import CheckpointError, DataError, DDESegError
+from ddeseg.training.checkpoint import FORMAT
 
 
 @dataclass

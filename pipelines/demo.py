@@ -154,11 +154,11 @@ def run_demo(
     `run.overwrite` (the default) replaces an earlier demo's folders in `out`; training and the
     audio pretraining run on the CPU (the demo's numbers are the same on any machine)."""
     from ddeseg.distributed import DistributedContext
+    from ddeseg.pipelines.build_memory_bank import MemoryBankPaths, build_memory_bank
     from ddeseg.pipelines.evaluate import EvaluatePaths, run_evaluation
+    from ddeseg.pipelines.prepare import PreparePaths, prepare
     from ddeseg.pipelines.pretrain_audio import PretrainAudioPaths, pretrain_audio
     from ddeseg.pipelines.train import TrainRequest, train
-    from ddeseg.pipelines.build_memory_bank import MemoryBankPaths, build_memory_bank
-    from ddeseg.pipelines.prepare import PreparePaths, prepare
 
     out = Path(paths.out)
     if out.exists() and any(out.iterdir()):

@@ -36,12 +36,12 @@ from ddeseg.data import schema
 from ddeseg.data.shards import ShardIndex
 from ddeseg.data.stream import read_shard_samples
 from ddeseg.distributed import resolve_device
-from ddeseg.training.recipe import check_run_dir, save_training_checkpoint, warmup_cosine_lr
-from ddeseg.training.run_log import RunLog
 from ddeseg.errors import DataError
 from ddeseg.models import build_model
 from ddeseg.progress import console, stage_progress, training_progress
 from ddeseg.stage import RunOptions, write_stage_config
+from ddeseg.training.recipe import check_run_dir, save_training_checkpoint, warmup_cosine_lr
+from ddeseg.training.run_log import RunLog
 
 AUDIO_CHECKPOINT_FORMAT = "ddeseg-audio-1"
 

@@ -48,16 +48,16 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ddeseg.bank import read_memory_bank
-from ddeseg.training.checkpoint import FORMAT, load_training_checkpoint, restore_rng_state
 from ddeseg.config import Config, save_config, to_dict
 from ddeseg.data.shards import ShardIndex
 from ddeseg.data.stream import count_data_errors, make_eval_loader, make_train_loader
 from ddeseg.distributed import DistributedContext, all_reduce_mean, barrier
-from ddeseg.pipelines.evaluate import evaluate_model
-from ddeseg.training.recipe import check_run_dir, clear_run_outputs, save_training_checkpoint, warmup_cosine_lr
-from ddeseg.training.run_log import RunLog
 from ddeseg.errors import DDESegError
 from ddeseg.losses import SegmentationLoss
+from ddeseg.models import build_model, load_checkpoint
+from ddeseg.pipelines.evaluate import evaluate_model
+from ddeseg.progress import console, training_progress
+from ddeseg.training.checkpoint import FORMAT, load_training_checkpoint, restore_rng_state
 from ddeseg.training.memory_plan import (
     BATCHNORM_NOTE,
     MemoryPlan,
@@ -68,8 +68,13 @@ from ddeseg.training.memory_plan import (
     parse_bytes,
     plan,
 )
-from ddeseg.models import build_model, load_checkpoint
-from ddeseg.progress import console, training_progress
+from ddeseg.training.recipe import (
+    check_run_dir,
+    clear_run_outputs,
+    save_training_checkpoint,
+    warmup_cosine_lr,
+)
+from ddeseg.training.run_log import RunLog
 
 # What a run folder holds of a run (a second `train` into it needs --resume or --overwrite), and
 # what --overwrite clears besides (the old run's skipped-sample reports would be counted again).

@@ -23,10 +23,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ddeseg.training.checkpoint import load_training_checkpoint
 from ddeseg.cli.app import _one_line, app
 from ddeseg.errors import CheckpointError, DDESegError
 from ddeseg.models.weights import read_checkpoint_file
+from ddeseg.training.checkpoint import load_training_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 ADVICE = "weights_only=False"

@@ -382,8 +382,8 @@ def test_small_demo_budgets_give_every_class_a_memory_bank_row(tmp_path, minutes
     single-source training frames, so the memory bank (here with a stand-in embedder: the
     mean log-mel) finds every class, as the real pipeline's does."""
     from ddeseg.config import load_config
-    from ddeseg.pipelines.demo import DemoPlan, synth_covering_every_class
     from ddeseg.pipelines.build_memory_bank import MemoryBankPaths, build_memory_bank
+    from ddeseg.pipelines.demo import DemoPlan, synth_covering_every_class
     from ddeseg.pipelines.prepare import PreparePaths, prepare
     from ddeseg.stage import RunOptions
 

@@ -14,11 +14,11 @@ import torch
 from test_model_behaviour import single_threaded_torch  # noqa: F401 (autouse fixture)
 from torch import nn
 
-from ddeseg.training import memory_plan as memory
 from ddeseg.config import load_config
 from ddeseg.errors import DDESegError
 from ddeseg.losses import SegmentationLoss
 from ddeseg.models import build_model
+from ddeseg.training import memory_plan as memory
 
 LOSS_RTOL = 2e-2
 GRAD_COSINE = 0.98

@@ -22,13 +22,15 @@ from PIL import Image
 from typer.testing import CliRunner
 from webdataset import TarWriter
 
-from ddeseg.training.checkpoint import FORMAT, atomic_torch_save
 from ddeseg.classes import avss_palette
 from ddeseg.cli.app import app
 from ddeseg.config import Config, load_config, to_dict
 from ddeseg.data import schema
 from ddeseg.data.stream import make_eval_loader
 from ddeseg.distributed import DistributedContext
+from ddeseg.errors import DDESegError
+from ddeseg.metrics import AVSBenchBinaryMeter, SegmentationMeter, foreground_logits, predicted_labels
+from ddeseg.models import build_model
 from ddeseg.pipelines.evaluate import (
     AudioControl,
     PictureCollector,
@@ -36,9 +38,7 @@ from ddeseg.pipelines.evaluate import (
     silent_logmel,
     video_frame_ids,
 )
-from ddeseg.errors import DDESegError
-from ddeseg.metrics import AVSBenchBinaryMeter, SegmentationMeter, foreground_logits, predicted_labels
-from ddeseg.models import build_model
+from ddeseg.training.checkpoint import FORMAT, atomic_torch_save
 from ddeseg.visualize import (
     FramePicture,
     colorize,

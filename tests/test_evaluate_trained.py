@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from ddeseg.training.checkpoint import load_training_checkpoint
 from ddeseg.cli.app import app
 from ddeseg.config import load_config
 from ddeseg.distributed import DistributedContext
 from ddeseg.pipelines.train import TrainRequest, train
+from ddeseg.training.checkpoint import load_training_checkpoint
 from ddeseg.visualize import frame_layout, sheet_size
 
 STEPS = 4

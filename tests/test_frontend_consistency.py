@@ -28,8 +28,8 @@ from ddeseg.data.shards import ShardIndex, check_frontend
 from ddeseg.data.stream import read_shard_samples
 from ddeseg.errors import CheckpointError, DDESegError
 from ddeseg.models import build_model, load_checkpoint
-from ddeseg.models.weights import frontend_state_from_checkpoint
 from ddeseg.models.frontend import mel_filterbank
+from ddeseg.models.weights import frontend_state_from_checkpoint
 from ddeseg.pipelines.prepare import PreparePaths, prepare
 from ddeseg.stage import RunOptions
 

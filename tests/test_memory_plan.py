@@ -9,12 +9,12 @@ from test_bf16 import deterministic_tiny
 from test_model_behaviour import single_threaded_torch  # noqa: F401 (autouse fixture)
 from torch import nn
 
-from ddeseg.training import memory_plan as memory
 from ddeseg.config import load_config
 from ddeseg.errors import DDESegError
 from ddeseg.losses import SegmentationLoss
 from ddeseg.models import build_model
 from ddeseg.models.layers import run_checkpointed
+from ddeseg.training import memory_plan as memory
 
 GPU_PARTS = ("visual_blocks", "aligners", "head")
 

@@ -20,7 +20,6 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from ddeseg.audio import LogMelBatcher, fit_length
-from ddeseg.training.checkpoint import FORMAT, atomic_torch_save
 from ddeseg.classes import AVSS_CLASSES
 from ddeseg.cli.app import app
 from ddeseg.config import Config, load_config, to_dict
@@ -28,14 +27,15 @@ from ddeseg.data import schema
 from ddeseg.data.augment import preprocess_for_model
 from ddeseg.data.shards import ShardIndex
 from ddeseg.data.stream import make_eval_loader
-from ddeseg.pipelines.evaluate import silent_logmel
 from ddeseg.errors import DDESegError
 from ddeseg.inference import resolve_class_names
 from ddeseg.metrics import predicted_labels
 from ddeseg.models import build_model
+from ddeseg.pipelines.evaluate import silent_logmel
 from ddeseg.pipelines.records import AudioSpec
 from ddeseg.pipelines.sources.common import read_audio
 from ddeseg.segment import classes_present, labels_at_size, model_inputs, predict_video
+from ddeseg.training.checkpoint import FORMAT, atomic_torch_save
 from ddeseg.video import AUDIO_PADDED, AUDIO_TRACK, SILENCE_AFTER_END, SILENCE_NO_TRACK, sample_frames
 
 SYNTH_RATE = 16_000  # the synthetic wavs' rate

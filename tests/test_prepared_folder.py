@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from ddeseg.training.checkpoint import FORMAT, atomic_torch_save
 from ddeseg.config import load_config, to_dict
 from ddeseg.data import schema
 from ddeseg.data.shards import ShardIndex, read_classes_file
 from ddeseg.data.stream import read_shard_samples
 from ddeseg.errors import DataError
 from ddeseg.models import build_model
+from ddeseg.training.checkpoint import FORMAT, atomic_torch_save
 
 
 def run_main(argv: list[str], monkeypatch, capsys) -> tuple[int, str]:

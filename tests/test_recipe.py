@@ -13,9 +13,9 @@ import torch
 
 from ddeseg.config import load_config
 from ddeseg.distributed import DistributedContext
-from ddeseg.training.recipe import check_run_dir, save_training_checkpoint, warmup_cosine_lr
-from ddeseg.pipelines.train import TrainRequest, build_run, check_inputs, train_step
 from ddeseg.errors import DDESegError
+from ddeseg.pipelines.train import TrainRequest, build_run, check_inputs, train_step
+from ddeseg.training.recipe import check_run_dir, save_training_checkpoint, warmup_cosine_lr
 
 REPO = Path(__file__).resolve().parents[1]
 

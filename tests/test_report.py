@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from ddeseg.pipelines.evaluate import PictureCollector, class_entries, write_outputs
 from ddeseg.metrics import SegmentationMeter
 from ddeseg.pipelines.demo import write_report
+from ddeseg.pipelines.evaluate import PictureCollector, class_entries, write_outputs
 from ddeseg.report import confusion_summary
 
 NAMES = ["background", "alpha", "bravo", "charlie"]

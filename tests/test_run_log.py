@@ -8,8 +8,8 @@ import types
 
 import pytest
 
-from ddeseg.training.run_log import RunLog
 from ddeseg.errors import DDESegError
+from ddeseg.training.run_log import RunLog
 
 
 def test_jsonl_is_written_and_a_new_run_starts_a_new_log(tmp_path):

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from ddeseg.training.checkpoint import load_training_checkpoint
 from ddeseg.config import load_config
 from ddeseg.distributed import DistributedContext
-from ddeseg.pipelines.train import TrainRequest, learning_rate_factor, train
 from ddeseg.errors import DDESegError
+from ddeseg.pipelines.train import TrainRequest, learning_rate_factor, train
+from ddeseg.training.checkpoint import load_training_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ddeseg.training.checkpoint import load_training_checkpoint
 from ddeseg.config import ConfigError, load_config, to_dict
 from ddeseg.distributed import DistributedContext
-from ddeseg.pipelines.train import RUN_OUTPUTS, TrainRequest, check_resume_config, train
 from ddeseg.errors import DDESegError
+from ddeseg.pipelines.train import RUN_OUTPUTS, TrainRequest, check_resume_config, train
+from ddeseg.training.checkpoint import load_training_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from ddeseg import progress
-from ddeseg.training import memory_plan as memory
-from ddeseg.training.checkpoint import load_training_checkpoint
 from ddeseg.config import ConfigError, load_config
 from ddeseg.distributed import DistributedContext
+from ddeseg.errors import DDESegError
+from ddeseg.models import build_model
 from ddeseg.pipelines.train import (
     TrainRequest,
     build_run,
@@ -30,8 +30,8 @@ from ddeseg.pipelines.train import (
     setup_model,
     train,
 )
-from ddeseg.errors import DDESegError
-from ddeseg.models import build_model
+from ddeseg.training import memory_plan as memory
+from ddeseg.training.checkpoint import load_training_checkpoint
 
 
 @pytest.fixture(scope="module")

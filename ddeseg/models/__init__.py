@@ -5,8 +5,8 @@ Modules: `frontend` (log-mel, shared with the data pipeline), `htsat` (audio bac
 backbone), `head` (SegFormer decoders), `ddeseg` (assembly), `checkpoint` (loading).
 """
 
-from ddeseg.models.weights import LoadReport, load_checkpoint
 from ddeseg.models.ddeseg import DDESeg, build_model
 from ddeseg.models.frontend import LogMelFrontend, frames_for, spec_augment
+from ddeseg.models.weights import LoadReport, load_checkpoint
 
 __all__ = ["DDESeg", "LoadReport", "LogMelFrontend", "build_model", "frames_for", "load_checkpoint", "spec_augment"]

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddeseg.config import ModelConfig, from_dict
+# CHECKPOINT_PARTS: what `set_activation_checkpointing` accepts; the config owns the names.
+from ddeseg.config import CHECKPOINT_PARTS, ModelConfig, from_dict
 from ddeseg.errors import DDESegError
 from ddeseg.models.enhancer import TokenFeatureEnhancer
 from ddeseg.models.frontend import LogMelFilterBank, LogMelFrontend, Spectrogram, mel_filterbank
@@ -31,8 +32,6 @@ from ddeseg.models.htsat import HTSAT
 from ddeseg.models.mit_aligned import MiTAligned
 
 AUDIO_MODES = ("eval", "official")
-# What `set_activation_checkpointing` accepts (config: `train.activation_checkpointing`).
-CHECKPOINT_PARTS = ("visual_stages", "visual_blocks", "aligners", "head")
 MEMORY_BANK_KEY = "memory_bank"
 
 

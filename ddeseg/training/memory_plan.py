@@ -25,7 +25,6 @@ head's BatchNorm normalises each micro-batch with its own statistics.
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,43 +32,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ddeseg.config import Config, to_dict
+from ddeseg.config import PRECISIONS, Config, to_dict
 from ddeseg.errors import DDESegError
 from ddeseg.models.frontend import frames_for
 from ddeseg.models.layers import checkpoint_probe
+from ddeseg.units import format_bytes, parse_bytes
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 BATCHNORM_NOTE = (
     "gradient accumulation does not reproduce large-batch BatchNorm statistics: the head's "
     "BatchNorm normalises each micro-batch with its own statistics"
 )
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
-          "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
-
-
-def parse_bytes(text: str | int) -> int:
-    """`"24GiB"`, `"40GB"`, `"80 gib"`, `"512MiB"`, `1024` -> bytes (GiB = 2^30, GB = 10^9).
-
-    Raises `DDESegError` naming the text for anything else."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        value, unit = float(text), ""
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-        if not match or match.group(2).lower() not in _UNITS:
-            raise DDESegError(f"memory size {text!r} is not a size such as 24GiB, 40GB or 512MiB")
-        value, unit = float(match.group(1)), match.group(2).lower()
-    size = int(value * _UNITS[unit])
-    if size <= 0:
-        raise DDESegError(f"memory size {text!r} must be positive")
-    return size
-
-
-def format_bytes(size: float) -> str:
-    """Bytes -> `"1.41 GiB"` (binary units)."""
-    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if abs(size) >= scale:
-            return f"{size / scale:.2f} {unit}"
-    return f"{size:.0f} B"
 
 
 def autocast(device_type: str, precision: str) -> contextlib.AbstractContextManager:

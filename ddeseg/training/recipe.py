@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from ddeseg.training.checkpoint import atomic_torch_save, capture_rng_state
 from ddeseg.distributed import DistributedContext
 from ddeseg.errors import DDESegError
+from ddeseg.training.checkpoint import atomic_torch_save, capture_rng_state
 
 
 def warmup_cosine_lr(
