@@ -259,20 +259,11 @@ class SegmentationMeter:
 
     # ---- accumulation
 
-    def update(self, pred_labels: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Add a batch of frames.
-
-        Args:
-            pred_labels: integer `[B, H, W]` (or `[H, W]`) predicted class ids in `[0, num_classes)`.
-            target: integer, same shape: ground-truth ids in `[0, num_classes)` or `ignore_index`.
-        Returns:
-            float64 `[B]` on the input's device: each frame's mean IoU over the classes present in
-            its prediction or ground truth (NaN if every pixel is ignored). For ranking frames
-            (e.g. the worst ones); not a protocol of either paper.
-        Raises:
-            DataError: a ground-truth value that is neither a class nor `ignore_index`.
-            ValueError: shapes differ, or a predicted label is out of range.
-        """
+    def _checked_frames(
+        self, pred_labels: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`update`'s inputs as long `[B, H*W]` frames on one device, and the mask of scored
+        (not ignored) pixels; raises for what `update` documents."""
         if self._reduced:
             raise RuntimeError("SegmentationMeter.update after all_reduce: reset() first")
         if pred_labels.shape != target.shape:
@@ -285,7 +276,7 @@ class SegmentationMeter:
             )
         pred = _as_frames(pred_labels, "pred_labels").long()
         gt = _as_frames(target, "target").to(pred.device).long()
-        batch, c = gt.shape[0], self.num_classes
+        c = self.num_classes
 
         valid = (
             gt != self.ignore_index
@@ -303,6 +294,24 @@ class SegmentationMeter:
             )
         if bad_pred:
             raise ValueError(f"predicted labels outside 0..{c - 1}")
+        return pred, gt, valid
+
+    def update(self, pred_labels: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Add a batch of frames.
+
+        Args:
+            pred_labels: integer `[B, H, W]` (or `[H, W]`) predicted class ids in `[0, num_classes)`.
+            target: integer, same shape: ground-truth ids in `[0, num_classes)` or `ignore_index`.
+        Returns:
+            float64 `[B]` on the input's device: each frame's mean IoU over the classes present in
+            its prediction or ground truth (NaN if every pixel is ignored). For ranking frames
+            (e.g. the worst ones); not a protocol of either paper.
+        Raises:
+            DataError: a ground-truth value that is neither a class nor `ignore_index`.
+            ValueError: shapes differ, or a predicted label is out of range.
+        """
+        pred, gt, valid = self._checked_frames(pred_labels, target)
+        batch, c = gt.shape[0], self.num_classes
 
         # Per-frame, per-class counts with one bincount each: frame f, class k -> bin f*C + k;
         # ignored pixels go to one extra bin that is dropped (no boolean indexing, no sync).

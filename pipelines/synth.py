@@ -237,6 +237,41 @@ def _content(config: SynthConfig, plan: VideoPlan, identities: list[scenes.Class
         sorted({obj.class_id for obj in scene.objects if scene.sounding[f, obj.instance] and stats[f][0][obj.instance]})
         for f in range(scene.num_frames)
     ]
+    ids, audio, clips = _sound_and_ids(rng, plan, scene, identities, vid, start_s, vgg, width)
+    annotated = [
+        not (plan.task == "v1s" and plan.split == "train" and frame > 0) for frame in range(scene.num_frames)
+    ]
+    content = layouts.VideoContent(
+        task=plan.task,
+        split=plan.split,
+        ids=ids,
+        width=width,
+        height=height,
+        frames=frames,
+        class_maps=class_maps,
+        annotated=annotated,
+        silent=list(scene.silent),
+        sounding_classes=sounding_classes,
+        class_names={identity.class_id: identity.name for identity in identities},
+        audio=audio,
+        clips=clips,
+        multi_instance=multi_instance,
+    )
+    return scene, content, stats
+
+
+def _sound_and_ids(
+    rng: np.random.Generator,
+    plan: VideoPlan,
+    scene: scenes.Scene,
+    identities: list[scenes.ClassIdentity],
+    vid: str,
+    start_s: int,
+    vgg: list[str],
+    width: int,
+) -> tuple[dict[str, Any], np.ndarray | None, list[dict[str, Any]]]:
+    """A video's ids in its layout's form and its sound: one wav for an AVSS video, one clip per
+    sounding object for VPO. Draws from `rng` after the scene (the order keeps videos stable)."""
     ids: dict[str, Any] = {"vid": vid}
     audio = None
     clips: list[dict[str, Any]] = []
@@ -273,26 +308,7 @@ def _content(config: SynthConfig, plan: VideoPlan, identities: list[scenes.Class
                     "pcm": layouts.to_pcm16(signal),
                 }
             )
-    annotated = [
-        not (plan.task == "v1s" and plan.split == "train" and frame > 0) for frame in range(scene.num_frames)
-    ]
-    content = layouts.VideoContent(
-        task=plan.task,
-        split=plan.split,
-        ids=ids,
-        width=width,
-        height=height,
-        frames=frames,
-        class_maps=class_maps,
-        annotated=annotated,
-        silent=list(scene.silent),
-        sounding_classes=sounding_classes,
-        class_names={identity.class_id: identity.name for identity in identities},
-        audio=audio,
-        clips=clips,
-        multi_instance=multi_instance,
-    )
-    return scene, content, stats
+    return ids, audio, clips
 
 
 def _write_parts(layout: str, root: Path, content: layouts.VideoContent, classes: int) -> dict[str, layouts.Written]:
