@@ -256,23 +256,7 @@ def cluster_class_embeddings(
     def describe(class_id: int) -> str:
         return f"class {class_id} ({names[class_id]!r})" if class_id in names else f"class {class_id}"
 
-    prepared: dict[int, np.ndarray] = {}
-    dim = None
-    for class_id in rows:
-        points = np.asarray(embeddings_by_class.get(class_id, np.zeros((0, 0))), dtype=np.float32)
-        if points.size == 0:
-            continue
-        if points.ndim != 2 or (dim is not None and points.shape[1] != dim):
-            raise DDESegError(
-                f"{describe(class_id)}: embeddings of shape {points.shape}, expected [n, {dim or 'dim'}]"
-            )
-        if not np.isfinite(points).all():
-            raise DDESegError(f"{describe(class_id)}: embeddings contain NaN or inf")
-        dim = points.shape[1]
-        prepared[class_id] = _normalise(points) if spherical else np.ascontiguousarray(points)
-    if dim is None:
-        raise DDESegError("no embeddings for any class: nothing to cluster")
-
+    prepared, dim = _checked_points(embeddings_by_class, rows, spherical, describe)
     missing = [c for c in rows if c not in prepared]
     required_missing = [c for c in missing if c not in optional_classes]
     if required_missing and not allow_missing:
@@ -306,32 +290,61 @@ def cluster_class_embeddings(
                 if missing_fill == "global_mean":
                     bank[row] = global_mean
                 entry = ClassStats(row, class_id, name, 0, 0, missing_fill, missing=True)
-            elif len(points) < k:
-                warnings.warn(
-                    f"{describe(class_id)} has {len(points)} point(s) < k={k}: its row is the points "
-                    f"followed by {k - len(points)} copies of the class mean",
-                    MemoryBankWarning,
-                    stacklevel=2,
-                )
-                class_mean = points.astype(np.float64).mean(0).astype(np.float32)
-                bank[row, : len(points)] = points
-                bank[row, len(points) :] = _normalise(class_mean) if spherical else class_mean
-                entry = ClassStats(
-                    row, class_id, name, len(points), len(points), "points+class_mean", inertia=0.0
-                )
             else:
-                centroids, iterations = kmeans_faiss(
-                    points, k, niter=niter, seed=seed, spherical=spherical, nredo=nredo, gpu=gpu
-                )
-                bank[row] = centroids
-                entry = ClassStats(
-                    row, class_id, name, len(points), k, "kmeans", inertia=faiss_inertia(points, centroids),
-                    iterations=iterations,
-                )  # fmt: skip
+                entry = _cluster_row(bank, row, class_id, name, points, k, describe, spherical,
+                                     niter=niter, seed=seed, nredo=nredo, gpu=gpu)
             entry.seconds = round(time.perf_counter() - started, 4)
             stats.append(entry)
             bar.advance(task)
     return bank, stats
+
+
+def _checked_points(
+    embeddings_by_class: Mapping[int, np.ndarray], rows: Sequence[int], spherical: bool, describe: Callable[[int], str]
+) -> tuple[dict[int, np.ndarray], int]:
+    """The non-empty classes' points as float32 `[n, dim]` (unit length when `spherical`) and
+    `dim`; raises naming the class for a wrong shape, a NaN/inf or when no class has a point."""
+    prepared: dict[int, np.ndarray] = {}
+    dim = None
+    for class_id in rows:
+        points = np.asarray(embeddings_by_class.get(class_id, np.zeros((0, 0))), dtype=np.float32)
+        if points.size == 0:
+            continue
+        if points.ndim != 2 or (dim is not None and points.shape[1] != dim):
+            raise DDESegError(
+                f"{describe(class_id)}: embeddings of shape {points.shape}, expected [n, {dim or 'dim'}]"
+            )
+        if not np.isfinite(points).all():
+            raise DDESegError(f"{describe(class_id)}: embeddings contain NaN or inf")
+        dim = points.shape[1]
+        prepared[class_id] = _normalise(points) if spherical else np.ascontiguousarray(points)
+    if dim is None:
+        raise DDESegError("no embeddings for any class: nothing to cluster")
+    return prepared, dim
+
+
+def _cluster_row(
+    bank: np.ndarray, row: int, class_id: int, name: str, points: np.ndarray, k: int,
+    describe: Callable[[int], str], spherical: bool, *, niter: int, seed: int, nredo: int, gpu: int | None,
+) -> ClassStats:
+    """Fill `bank[row]` from a class's points: K-Means, or with fewer than k points the points
+    followed by copies of the class mean (see the module docstring)."""
+    if len(points) < k:
+        warnings.warn(
+            f"{describe(class_id)} has {len(points)} point(s) < k={k}: its row is the points "
+            f"followed by {k - len(points)} copies of the class mean",
+            MemoryBankWarning,
+            stacklevel=3,
+        )
+        class_mean = points.astype(np.float64).mean(0).astype(np.float32)
+        bank[row, : len(points)] = points
+        bank[row, len(points) :] = _normalise(class_mean) if spherical else class_mean
+        return ClassStats(row, class_id, name, len(points), len(points), "points+class_mean", inertia=0.0)
+    centroids, iterations = kmeans_faiss(points, k, niter=niter, seed=seed, spherical=spherical, nredo=nredo, gpu=gpu)
+    bank[row] = centroids
+    return ClassStats(
+        row, class_id, name, len(points), k, "kmeans", inertia=faiss_inertia(points, centroids), iterations=iterations
+    )
 
 
 # --------------------------------------------------------------------------------------------

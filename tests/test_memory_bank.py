@@ -424,6 +424,7 @@ def _fake_models_module():
 def test_cli_with_the_model_embedder_and_its_fingerprint(tmp_path, monkeypatch):
     import sys
 
+    import ddeseg.models.frontend  # noqa: F401  (check_frontend imports it while the fake package stands)
     from ddeseg.cli.app import main
 
     monkeypatch.setitem(sys.modules, "ddeseg.models", _fake_models_module())
