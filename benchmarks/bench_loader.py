@@ -377,11 +377,12 @@ def bench_loaders(
 
     Loaders are named `streaming` and `per_file_{augment}`; the ratios are keyed by augment way.
     """
-    from ddeseg.data.stream import collate_samples, default_label_lut, list_shards, make_train_loader
+    from ddeseg.data.shards import ShardIndex
+    from ddeseg.data.stream import collate_samples, list_shards, make_train_loader
 
     train_shards = list_shards(shards / TASK / "train")
     # The same id map for all; for the synthetic v2 data raw mask ids are the unified ids.
-    label_lut = default_label_lut(train_shards, cfg)
+    label_lut = ShardIndex(shards, need_manifest=False).label_lut(cfg.task, cfg.model.num_classes)
     datasets = {way: PerFileTrainDataset(raw / "AVSSData", cfg, label_lut, augment=way) for way in baselines}
 
     def streaming(num_workers: int, num_batches: int, seed: int) -> Any:

@@ -194,9 +194,10 @@ def dump_sample(shards_dir: Path, key: str, out_dir: Path) -> list[Path]:
     from ddeseg.classes import avss_palette
     from ddeseg.data import schema
     from ddeseg.data.shards import ShardIndex
+    from ddeseg.data.stream import find_sample
 
     index = ShardIndex(shards_dir)
-    sample, _ = index.find_sample(key)
+    sample, _ = find_sample(index, key)
     meta = schema.SampleMeta.from_json(sample[schema.META])
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []

@@ -140,6 +140,7 @@ class TrainInputs:
     index: ShardIndex
     train_shards: list[str]
     val_shards: list[str]  # empty: no val split, so no validation and no best.pt
+    label_lut: np.ndarray  # stored ids -> the task's ids for this model (read once, given to every loader)
     steps_per_epoch: int
     memory_bank: np.ndarray
     resume_payload: dict[str, Any] | None  # the checkpoint to continue, loaded
@@ -314,7 +315,8 @@ def check_inputs(config: Config, request: TrainRequest, context: DistributedCont
         payload = load_training_checkpoint(request.resume_path)
         reuse_batch_plan(config, payload, context.world_size, request.resume_path)
         check_resume_config(payload.get("config") or {}, config, request.resume_path)
-    return TrainInputs(index, train_shards, val_shards, steps_per_epoch, bank, payload)
+    label_lut = index.label_lut(config.task, config.model.num_classes)
+    return TrainInputs(index, train_shards, val_shards, label_lut, steps_per_epoch, bank, payload)
 
 
 def reuse_batch_plan(config: Config, payload: dict[str, Any], world_size: int, checkpoint: Path) -> None:
@@ -557,6 +559,7 @@ def run_epoch(run: Run, stop_at: int, show: Callable[..., None]) -> None:
         world_size=run.context.world_size,
         num_batches=run.inputs.steps_per_epoch * config.train.grad_accum,
         errors_dir=run.errors_dir,
+        label_lut=run.inputs.label_lut,
     )
     skip = (run.step - epoch * run.inputs.steps_per_epoch) * config.train.grad_accum
     batches = itertools.islice(loader, skip, None)  # fast-forward inside the epoch after a resume
@@ -642,7 +645,8 @@ def validate(run: Run) -> dict[str, Any] | None:
     if not run.inputs.val_shards:
         return None
     loader = make_eval_loader(
-        run.inputs.val_shards, run.config, rank=run.context.rank, world_size=run.context.world_size, errors_dir=run.errors_dir
+        run.inputs.val_shards, run.config, rank=run.context.rank, world_size=run.context.world_size,
+        errors_dir=run.errors_dir, label_lut=run.inputs.label_lut,
     )
     result = evaluate_model(run.model, loader, run.config, run.context)
     run.model.train()

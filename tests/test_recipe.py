@@ -77,7 +77,7 @@ def test_train_step_takes_one_step_per_full_accumulation(tmp_path, prepared_synt
     context = DistributedContext()
     run = build_run(config, request, context, check_inputs(config, request, context))
     loader = iter(
-        make_train_loader(run.inputs.train_shards, config, seed=0, epoch=0, rank=0, world_size=1, num_batches=3, errors_dir=tmp_path / "errors")
+        make_train_loader(run.inputs.train_shards, config, seed=0, epoch=0, rank=0, world_size=1, num_batches=3, errors_dir=tmp_path / "errors", label_lut=run.inputs.label_lut)
     )
     weights = {k: v.clone() for k, v in run.model.state_dict().items()}
     assert train_step(run, itertools.islice(loader, 2)) is True

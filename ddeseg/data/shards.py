@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -215,13 +215,6 @@ class ShardIndex:
         """`classes.json`, parsed and checked (`read_classes_file`) on first use."""
         return read_classes_file(self.root / CLASSES_FILE)  # type: ignore[return-value]
 
-    @classmethod
-    def holding(cls, shard: str | Path) -> ShardIndex | None:
-        """The prepared folder a shard path lies in (`SHARDS_DIR/{task}/{split}/shard-*.tar`), or
-        None when there is no class list at that place (shards outside a prepared folder)."""
-        root = Path(shard).parent.parent.parent
-        return cls(root, need_manifest=False) if (root / CLASSES_FILE).exists() else None
-
     # -- manifest ---------------------------------------------------------------------------
 
     def _read_manifest(self) -> pa.Table:
@@ -335,25 +328,15 @@ class ShardIndex:
 
     # -- samples and reports -----------------------------------------------------------------
 
-    def samples(self, shards: list[str]) -> Iterator[dict[str, Any]]:
-        """Raw samples (`__key__`, `__url__`, members as bytes) of `shards`, in order; a corrupt
-        or truncated shard is a `DataError` naming it (`read_shard_samples`, strict)."""
-        from ddeseg.data.stream import read_shard_samples
-
-        return read_shard_samples(shards)
-
-    def find_sample(self, key: str) -> tuple[dict[str, Any], str]:
-        """The stored sample `key` (members as bytes) and its shard, located through the manifest."""
+    def shard_of(self, key: str) -> str:
+        """The shard (relative to the folder) that holds sample `key`, from the manifest (the
+        sample itself: `ddeseg.data.stream.find_sample`)."""
         import pyarrow.compute as pc
 
         rows = self.manifest.filter(pc.equal(self.manifest.column("key"), key)).select(["shard"]).to_pylist()
         if not rows:
             raise DataError(f"no sample {key!r} in {self.root / MANIFEST_FILE}")
-        shard = rows[0]["shard"]
-        for sample in self.samples([str(self.root / shard)]):
-            if sample["__key__"] == key:
-                return sample, shard
-        raise DataError(f"{self.root / shard}: sample {key!r} listed in the manifest is missing from its shard")
+        return rows[0]["shard"]
 
     def prepare_report(self) -> dict[str, Any]:
         """`prepare.json` (`{}` when absent), see `read_prepare_report`."""

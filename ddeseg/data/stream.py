@@ -94,13 +94,11 @@ def _hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def default_label_lut(urls: list[str], cfg: Config) -> np.ndarray:
-    """The loaders' label map when none is given: `cfg.task`'s (`ShardIndex.label_lut`) of the
-    prepared folder the shards lie in, or the ids as they are for shards outside one; a model
-    with one output (`num_classes == 1`, v1s/v1m) gets every class mapped to 1."""
-    index = ShardIndex.holding(urls[0])
-    lut = np.arange(256, dtype=np.uint8) if index is None else index.label_lut(cfg.task)
-    return model_label_lut(lut, cfg.model.num_classes)
+def identity_label_lut(cfg: Config) -> np.ndarray:
+    """The label map of shards outside a prepared folder: the stored ids as they are (every
+    class to 1 for a one-output model). A stage that reads a prepared folder passes its task's
+    map (`ShardIndex.label_lut(task, num_classes)`) instead: the loader never guesses the folder."""
+    return model_label_lut(np.arange(256, dtype=np.uint8), cfg.model.num_classes)
 
 
 def read_shard_samples(
@@ -168,8 +166,8 @@ def make_train_loader(
             checked (each rank draws its own shards, see the module docstring).
         num_batches: batches this loader yields (the same on every rank).
         errors_dir: where workers log skipped data (JSONL), see `count_data_errors`.
-        label_lut: unified id -> task id map (`ShardIndex.label_lut`); default
-            `default_label_lut(shards, cfg)`.
+        label_lut: unified id -> task id map (`ShardIndex.label_lut(task, num_classes)`);
+            default: the ids as they are (`identity_label_lut`).
         num_workers, batch_size: default `cfg.data.num_workers`, `cfg.data.batch_size`.
     Yields:
         dicts: `image` float32 `[B, 3, S, S]` (ImageNet-normalised), `mask` int64 `[B, S, S]`
@@ -184,7 +182,7 @@ def make_train_loader(
     if num_batches < 1:
         raise ValueError(f"num_batches must be >= 1, got {num_batches}")
     urls = list_shards(shards)
-    lut = default_label_lut(urls, cfg) if label_lut is None else label_lut
+    lut = identity_label_lut(cfg) if label_lut is None else label_lut
     batch_size = cfg.data.batch_size if batch_size is None else batch_size
     num_workers = cfg.data.num_workers if num_workers is None else num_workers
     shuffle_buffer = cfg.data.shuffle_buffer
@@ -226,7 +224,7 @@ def make_eval_loader(
     """
     _check_rank(rank, world_size)
     urls = list_shards(shards)
-    lut = default_label_lut(urls, cfg) if label_lut is None else label_lut
+    lut = identity_label_lut(cfg) if label_lut is None else label_lut
     batch_size = cfg.data.eval_batch_size if batch_size is None else batch_size
     num_workers = cfg.data.num_workers if num_workers is None else num_workers
     if batch_size < 1:
@@ -624,3 +622,12 @@ def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
 def _members(sample: dict[str, Any]) -> list[str]:
     return sorted(k for k in sample if not k.startswith("__"))
 
+
+def find_sample(index: ShardIndex, key: str) -> tuple[dict[str, Any], str]:
+    """The stored sample `key` of a prepared folder (members as bytes) and its shard (relative to
+    the folder), located through the manifest; a `DataError` names what is missing."""
+    shard = index.shard_of(key)
+    for sample in read_shard_samples([str(index.root / shard)]):
+        if sample["__key__"] == key:
+            return sample, shard
+    raise DataError(f"{index.root / shard}: sample {key!r} listed in the manifest is missing from its shard")
