@@ -42,11 +42,10 @@ from ddeseg.training.memory_plan import (  # noqa: E402
     BATCHNORM_NOTE,
     _measurement_batch,
     choose_micro_batch,
-    format_bytes,
-    parse_bytes,
     plan,
     profile_activations,
 )
+from ddeseg.units import format_bytes, parse_bytes  # noqa: E402
 
 PARTS = ("aligners", "head", "visual_blocks")
 BUDGETS = ("24GiB", "40GiB", "80GiB")

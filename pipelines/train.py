@@ -61,13 +61,12 @@ from ddeseg.training.checkpoint import FORMAT, load_training_checkpoint, restore
 from ddeseg.training.memory_plan import (
     BATCHNORM_NOTE,
     MemoryPlan,
-    autocast,
     choose_micro_batch,
     convert_sync_batchnorm,
     maybe_compile,
-    parse_bytes,
     plan,
 )
+from ddeseg.training.precision import autocast, run_precision
 from ddeseg.training.recipe import (
     check_run_dir,
     clear_run_outputs,
@@ -75,6 +74,7 @@ from ddeseg.training.recipe import (
     warmup_cosine_lr,
 )
 from ddeseg.training.run_log import RunLog
+from ddeseg.units import parse_bytes
 
 # What a run folder holds of a run (a second `train` into it needs --resume or --overwrite), and
 # what --overwrite clears besides (the old run's skipped-sample reports would be counted again).
@@ -228,22 +228,6 @@ def learning_rate_factor(step: int, config: Config) -> float:
         warmup_lr=train.warmup_lr,
     )
     return lr / train.base_lr
-
-
-def run_precision(config: Config, device: torch.device) -> str:
-    """The precision a run trains in on `device`: `train.precision` on CUDA. Elsewhere float32
-    (the CPU default: CPU autocast is slower, and the demo's and the tests' numbers are float32),
-    unless `train.cpu_autocast` asks for bf16 on the CPU. Raises `DDESegError` for fp16 there."""
-    precision = config.train.precision
-    if device.type == "cuda" or precision == "fp32":
-        return precision
-    if not config.train.cpu_autocast or device.type != "cpu":
-        return "fp32"
-    if precision == "fp16":
-        raise DDESegError(
-            "train.precision fp16 needs a CUDA device (train.cpu_autocast applies to bf16): set train.precision=bf16 or fp32"
-        )
-    return precision
 
 
 def configured_batch(config: Config, world_size: int) -> int:

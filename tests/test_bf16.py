@@ -19,6 +19,7 @@ from ddeseg.errors import DDESegError
 from ddeseg.losses import SegmentationLoss
 from ddeseg.models import build_model
 from ddeseg.training import memory_plan as memory
+from ddeseg.training.precision import autocast
 
 LOSS_RTOL = 2e-2
 GRAD_COSINE = 0.98
@@ -49,7 +50,7 @@ def _loss_and_grad(precision: str, model: nn.Module | None = None):
     model = model or tiny_model
     model.train()
     model.zero_grad(set_to_none=True)
-    with memory.autocast("cpu", precision):
+    with autocast("cpu", precision):
         intermediates = model.forward_intermediates(image, logmel)
     loss, _ = SegmentationLoss(config.loss, 3)(intermediates["logits"].float(), target)
     loss.backward()
@@ -74,11 +75,11 @@ def test_bf16_loss_within_tolerance_of_float32():
 
 
 def test_autocast_precisions():
-    assert isinstance(memory.autocast("cpu", "bf16"), torch.autocast)
+    assert isinstance(autocast("cpu", "bf16"), torch.autocast)
     with pytest.raises(DDESegError, match="fp16 needs a CUDA device"):
-        memory.autocast("cpu", "fp16")
+        autocast("cpu", "fp16")
     with pytest.raises(DDESegError, match="train.precision must be one of"):
-        memory.autocast("cuda", "bf8")
+        autocast("cuda", "bf8")
 
 
 def test_sync_batchnorm_conversion_keeps_weights_and_numbers():

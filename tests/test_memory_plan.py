@@ -9,6 +9,7 @@ from test_bf16 import deterministic_tiny
 from test_model_behaviour import single_threaded_torch  # noqa: F401 (autouse fixture)
 from torch import nn
 
+from ddeseg import units
 from ddeseg.config import load_config
 from ddeseg.errors import DDESegError
 from ddeseg.losses import SegmentationLoss
@@ -20,14 +21,14 @@ GPU_PARTS = ("visual_blocks", "aligners", "head")
 
 
 def test_parse_bytes():
-    assert memory.parse_bytes("24GiB") == 24 * 2**30
-    assert memory.parse_bytes("40 GB") == 40 * 10**9
-    assert memory.parse_bytes("512mib") == 512 * 2**20
-    assert memory.parse_bytes("1.5GiB") == 3 * 2**29
-    assert memory.parse_bytes(4096) == 4096
+    assert units.parse_bytes("24GiB") == 24 * 2**30
+    assert units.parse_bytes("40 GB") == 40 * 10**9
+    assert units.parse_bytes("512mib") == 512 * 2**20
+    assert units.parse_bytes("1.5GiB") == 3 * 2**29
+    assert units.parse_bytes(4096) == 4096
     for bad in ("24 parsecs", "GiB", "-1GiB", "0GB", ""):
         with pytest.raises(DDESegError, match="memory size"):
-            memory.parse_bytes(bad)
+            units.parse_bytes(bad)
 
 
 class _Toy(nn.Module):
@@ -169,9 +170,9 @@ def test_choose_micro_batch_keeps_the_batch(tiny, tiny_model, batch_size, world_
 
 def test_choose_micro_batch_refuses_clearly(tiny):
     with pytest.raises(DDESegError, match="even micro-batch 1 does not fit.*try train.precision=bf16"):
-        memory.choose_micro_batch(tiny, memory.parse_bytes("100MiB"), 8)
+        memory.choose_micro_batch(tiny, units.parse_bytes("100MiB"), 8)
     with pytest.raises(DDESegError, match="does not divide over 3 ranks"):
-        memory.choose_micro_batch(tiny, memory.parse_bytes("80GiB"), 8, 3)
+        memory.choose_micro_batch(tiny, units.parse_bytes("80GiB"), 8, 3)
 
 
 def test_render_plans(tiny):

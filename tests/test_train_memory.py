@@ -25,13 +25,13 @@ from ddeseg.pipelines.train import (
     build_run,
     check_inputs,
     plan_memory,
-    run_precision,
     save_checkpoint,
     setup_model,
     train,
 )
 from ddeseg.training import memory_plan as memory
 from ddeseg.training.checkpoint import load_training_checkpoint
+from ddeseg.training.precision import run_precision
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,6 @@ head's BatchNorm normalises each micro-batch with its own statistics.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,27 +35,13 @@ from ddeseg.config import PRECISIONS, Config, to_dict
 from ddeseg.errors import DDESegError
 from ddeseg.models.frontend import frames_for
 from ddeseg.models.layers import checkpoint_probe
-from ddeseg.units import format_bytes, parse_bytes
+from ddeseg.training.precision import autocast
+from ddeseg.units import format_bytes
 
 BATCHNORM_NOTE = (
     "gradient accumulation does not reproduce large-batch BatchNorm statistics: the head's "
     "BatchNorm normalises each micro-batch with its own statistics"
 )
-
-
-def autocast(device_type: str, precision: str) -> contextlib.AbstractContextManager:
-    """The autocast context of a precision: `fp32` none; `bf16` on CUDA and on the CPU (what the
-    CPU tests use); `fp16` on CUDA only (pair it with a GradScaler). The model keeps its frozen
-    audio backbone in float32 inside it (`DDESeg.forward_intermediates`); feed the loss
-    `logits.float()`."""
-    if precision not in PRECISIONS:
-        raise DDESegError(f"train.precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "fp16" and device_type != "cuda":
-        raise DDESegError("train.precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device_type, dtype=dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -476,7 +461,7 @@ def maybe_compile(model: nn.Module, enabled: bool, **options: Any) -> nn.Module:
 
 
 __all__ = [
-    "BATCHNORM_NOTE", "ActivationProfile", "MemoryPlan", "SavedTensorCount", "autocast", "choose_micro_batch",
-    "convert_sync_batchnorm", "count_saved_tensors", "format_bytes", "maybe_compile", "parse_bytes", "plan",
+    "BATCHNORM_NOTE", "ActivationProfile", "MemoryPlan", "SavedTensorCount", "choose_micro_batch",
+    "convert_sync_batchnorm", "count_saved_tensors", "maybe_compile", "plan",
     "profile_activations", "render_plans",
 ]
