@@ -84,7 +84,7 @@ def test_two_epochs_of_four_steps_with_one_warmup_epoch():
 
 @pytest.mark.parametrize(
     ("epochs", "steps_per_epoch", "warmup_epochs"),
-    [(3, 7, 0), (5, 3, 1.5), (4, 10, 2), (2, 9, 0.5)],  # no warm-up; fractional (truncated) warm-ups
+    [(3, 7, 0), (5, 3, 1.5), (4, 10, 2), (2, 7, 0.5)],  # no warm-up; fractional warm-ups (3.5 steps: 3)
 )
 def test_official_schedule_matches_torchs_sequential_lr(epochs, steps_per_epoch, warmup_epochs):
     overrides = [f"train.epochs_equivalent={epochs}", f"train.warmup_epochs={warmup_epochs}", "train.base_lr=1e-3"]
