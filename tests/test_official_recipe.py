@@ -160,6 +160,17 @@ def test_paper_configs_use_the_official_recipe_and_the_demo_ours():
     assert demo.train.schedule == "warmup_cosine" and not demo.data.augment.jitter_before_resize
 
 
+def test_schedule_key_is_checked_and_named_in_the_start_up_table():
+    from ddeseg.config import ConfigError
+    from ddeseg.engine.train import _schedule_text
+
+    with pytest.raises(ConfigError, match="train.schedule must be one of official, warmup_cosine, got 'cosine'"):
+        load_config("v2", ["train.schedule=cosine"])
+    official = official_config("v2", steps_per_epoch=200)
+    assert _schedule_text(official) == "official: warm-up 0 -> 0.0001 over 400 steps, then cosine (T_max 30000) toward 4e-05"
+    assert _schedule_text(load_config("demo")).startswith("warmup_cosine (ours): 4e-06 -> 0.001 over 30 steps")
+
+
 # ---- eight official training iterations
 
 
