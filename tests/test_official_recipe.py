@@ -235,6 +235,7 @@ def test_optimizer_groups_are_the_official_ones(curve, filled_model):
     theirs = [[n for n, g in zip(names, curve["param_group"], strict=True) if g == group] for group in (0, 1)]
     assert ours == theirs and (len(ours[0]), len(ours[1])) == (91, 108)
     shapes = dict(run.model.named_parameters())
+    assert all(p.ndim >= 1 for p in shapes.values())  # no 0-d parameter (ours and the official rule would differ)
     assert ours[1] == [n for n in names if shapes[n].ndim == 1 or n.endswith(".bias")]
     assert [g["weight_decay"] for g in run.optimizer.param_groups] == [0.05, 0.0]
     assert all(g["lr"] == 0.0 and g["initial_lr"] == 1e-4 for g in run.optimizer.param_groups)  # step 0 runs at lr 0

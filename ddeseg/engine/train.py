@@ -201,8 +201,8 @@ class Run:
 def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
     """AdamW as the official `util_tools/optimizers.py`: two groups, in `named_parameters()`
     order, of the trainable parameters (the frozen audio backbone is in neither): group 0 with
-    `train.weight_decay`, group 1 (decay 0) the 1-D parameters (norm scales, biases, the aligners'
-    1-D scales) and every parameter whose name ends in `.bias`; both start at `train.base_lr`,
+    `train.weight_decay`, group 1 (decay 0) the 1-D parameters (norm scales, biases) and every
+    parameter whose name ends in `.bias`; both start at `train.base_lr`,
     with `train.betas` and `train.eps`. (The official rule is `len(shape) == 1`: a 0-d parameter
     would decay there; the model has none, and a test keeps it so.)"""
     decay, no_decay = [], []
