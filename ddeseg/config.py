@@ -117,6 +117,10 @@ class AugmentConfig:
     crop_ratio: tuple[float, float] = (0.75, 1.3333)
     hflip: bool = True
     color_jitter: tuple[float, float, float, float] = (0.2, 0.2, 0.2, 0.1)
+    # true: the jitter runs on the cropped frame before the resize, as the official loader (what
+    # the paper configs reproduce); false: after the resize, on image_size^2 pixels (ours: far
+    # cheaper on large frames, but a different image: docs/augmentations.md).
+    jitter_before_resize: bool = False
     spec_augment: bool = False  # time/frequency masking of the log-mel, in the loader
 
 
@@ -144,6 +148,10 @@ class LossConfig:
 @dataclass
 class TrainConfig:
     steps: int = 1000
+    # The learning-rate schedule (ddeseg.training.recipe): `official` is the official scheduler's
+    # per-step sequence (warm-up from 0, a cosine over all steps restarted at the warm-up's end);
+    # `warmup_cosine` is ours (warm-up from warmup_lr, then a cosine ending exactly at min_lr).
+    schedule: str = "warmup_cosine"
     # When set, `steps` = epochs_equivalent x steps per epoch of the data (and `warmup_steps` =
     # warmup_epochs x steps per epoch): the official schedules are in epochs.
     epochs_equivalent: int | None = None
@@ -299,11 +307,14 @@ TRAINING_KEY_RANGES: dict[str, tuple[float, bool]] = {
 PRECISIONS = ("fp32", "bf16", "fp16")  # train.precision; autocast (ddeseg.training.memory_plan) reads it here
 # The model parts `train.activation_checkpointing` may name (`DDESeg.set_activation_checkpointing`).
 CHECKPOINT_PARTS = ("visual_stages", "visual_blocks", "aligners", "head")
+TRAINING_KEY_CHOICES: dict[str, tuple[str, ...]] = {
+    "train.schedule": ("official", "warmup_cosine"),  # ddeseg.training.recipe's schedules
+}
 
 
 def check_training_keys(config: Config) -> None:
     """Raise `ConfigError` naming the first training key whose value is out of range."""
-    _check_table(config, TRAINING_KEY_RANGES, {})
+    _check_table(config, TRAINING_KEY_RANGES, TRAINING_KEY_CHOICES)
     betas = config.train.betas
     if len(betas) != 2 or not all(0 <= beta < 1 for beta in betas):
         raise ConfigError(f"train.betas must be two numbers in [0, 1), got {list(betas)}")

@@ -70,8 +70,9 @@ from ddeseg.training.precision import autocast, run_precision
 from ddeseg.training.recipe import (
     check_run_dir,
     clear_run_outputs,
+    epoch_schedule,
     save_training_checkpoint,
-    warmup_cosine_lr,
+    scheduled_lr,
 )
 from ddeseg.training.run_log import RunLog
 from ddeseg.units import parse_bytes
@@ -199,12 +200,17 @@ class Run:
 
 
 def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
-    """AdamW as the official recipe: no weight decay on biases and 1-D parameters (norms)."""
+    """AdamW as the official `util_tools/optimizers.py`: two groups, in `named_parameters()`
+    order, of the trainable parameters (the frozen audio backbone is in neither): group 0 with
+    `train.weight_decay`, group 1 (decay 0) the 1-D parameters (norm scales, biases) and every
+    parameter whose name ends in `.bias`; both start at `train.base_lr`,
+    with `train.betas` and `train.eps`. (The official rule is `len(shape) == 1`: a 0-d parameter
+    would decay there; the model has none, and a test keeps it so.)"""
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue  # the frozen audio backbone
-        (no_decay if parameter.ndim <= 1 or name.endswith(".bias") else decay).append(parameter)
+        (no_decay if parameter.ndim == 1 or name.endswith(".bias") else decay).append(parameter)
     train = config.train
     return torch.optim.AdamW(
         [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -215,11 +221,21 @@ def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optim
     )
 
 
+def build_scheduler(optimizer: torch.optim.Optimizer, config: Config) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning rate of every group = its initial lr x `learning_rate_factor(step)`, stepped
+    after every optimizer step. Stateless but for the step count (`last_epoch`), so a resumed
+    run continues the same sequence."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, config))
+
+
 def learning_rate_factor(step: int, config: Config) -> float:
     """`train`'s learning rate at optimizer step `step` over `train.base_lr` (the LambdaLR
-    factor): `warmup_cosine_lr` from `warmup_lr` through `base_lr` to `min_lr`."""
+    factor) under `train.schedule`: `official` (the official scheduler's sequence) or
+    `warmup_cosine` (ours, from `warmup_lr` through `base_lr` to `min_lr`). A pure function of
+    the global step, so a resumed run continues the same sequence."""
     train = config.train
-    lr = warmup_cosine_lr(
+    lr = scheduled_lr(
+        train.schedule,
         step,
         base_lr=train.base_lr,
         min_lr=train.min_lr,
@@ -283,11 +299,8 @@ def check_inputs(config: Config, request: TrainRequest, context: DistributedCont
     # An epoch is one pass over the data: steps of the configured batch (accumulation included).
     global_batch = configured_batch(config, context.world_size)
     steps_per_epoch = max(1, math.ceil(index.count(config.task, "train", annotated_only=True) / global_batch))
-    if config.train.epochs_equivalent is not None:
-        # The official schedule is in epochs: derive steps from this dataset's size.
-        config.train.steps = config.train.epochs_equivalent * steps_per_epoch
-        if config.train.warmup_epochs is not None:
-            config.train.warmup_steps = round(config.train.warmup_epochs * steps_per_epoch)
+    # The official schedule is in epochs: derive steps from this dataset's size.
+    config.train.steps, config.train.warmup_steps = epoch_schedule(config.train, steps_per_epoch)
     bank = read_memory_bank(
         request.memory_bank,
         classes=len(index.bank_class_ids(config.task)),
@@ -388,7 +401,7 @@ def build_run(config: Config, request: TrainRequest, context: DistributedContext
         train_model=model,
         loss_fn=SegmentationLoss(config.loss, config.model.num_classes).to(device),
         optimizer=optimizer,
-        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, config)),
+        scheduler=build_scheduler(optimizer, config),
         scaler=torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and config.train.precision == "fp16"),
         precision=run_precision(config, device),
         setup=setup,
@@ -707,6 +720,7 @@ def _print_start_summary(run: Run) -> None:
         f" = {configured_batch(config, context.world_size)}{chosen}",
     )
     table.add_row("steps", f"{config.train.steps} ({run.inputs.steps_per_epoch} per epoch)")
+    table.add_row("schedule", _schedule_text(config))
     for label, value in run.setup.items():
         table.add_row(label, value)
     if run.memory_plan is not None:
@@ -717,6 +731,19 @@ def _print_start_summary(run: Run) -> None:
     if config.train.grad_accum > 1:
         table.add_row("note", BATCHNORM_NOTE)
     console.print(table)
+
+
+def _schedule_text(config: Config) -> str:
+    train = config.train
+    if train.schedule == "official":
+        return (
+            f"official: warm-up 0 -> {train.base_lr:g} over {train.warmup_steps} steps, then cosine"
+            f" (T_max {train.steps}) toward {train.min_lr:g}"
+        )
+    return (
+        f"warmup_cosine (ours): {train.warmup_lr:g} -> {train.base_lr:g} over {train.warmup_steps} steps,"
+        f" then cosine to {train.min_lr:g} at step {train.steps}"
+    )
 
 
 def _precision_text(run: Run) -> str:

@@ -174,3 +174,97 @@ def test_spec_augment_masks_stripes_with_the_clip_mean():
         assert (changed <= (rows[:, None] | cols[None, :])).all()  # only whole stripes
         np.testing.assert_array_equal(out, spec_augment_logmel(logmel, np.random.default_rng(seed)))
     assert changed_any
+
+
+# ---- the official recipe, pinned (docs/augmentations.md)
+
+
+def test_box_crop_keeps_the_official_share_of_the_box_not_always_all_of_it():
+    """The official constraint is on area: a crop is kept only when >= crop_scale_min (0.6) of the
+    sounding box's area stays inside; it may cut into the box (it is not "the whole box stays in")."""
+    image, mask, box = box_frame(100, 100, (20, 20, 80, 80))
+    box_area = int((mask > 0).sum())
+    kept_shares = []
+    for seed in range(400):
+        _, out_mask, _ = random_box_crop(image, mask, box, np.random.default_rng(seed), 0.6, (0.75, 1.3333))
+        kept_shares.append(int((out_mask > 0).sum()) / box_area)
+    assert min(kept_shares) >= 0.6
+    assert any(share < 1.0 for share in kept_shares)  # the box was cut into, within the rule
+    assert sum(share == 1.0 for share in kept_shares) > 0
+
+
+def test_flip_moves_image_and_mask_together():
+    """No crop (no box), no jitter, no resize: the output is the frame, flipped or not, and the
+    image's painted object is always where the mask's is."""
+    cfg = tiny_config(40)
+    cfg.data.augment.color_jitter = (0.0, 0.0, 0.0, 0.0)
+    image = np.zeros((40, 40, 3), np.uint8)
+    mask = np.zeros((40, 40), np.uint8)
+    image[5:30, 2:12] = 255
+    mask[5:30, 2:12] = 4
+    logmel = np.zeros((10, 64), np.float32)
+    flips = set()
+    for seed in range(30):
+        out_image, out_mask, _, _ = augment_for_training(image, mask, None, logmel, cfg, np.random.default_rng(seed))
+        painted = out_image[0] > 0  # normalised 255 > 0, normalised 0 < 0
+        np.testing.assert_array_equal(painted.numpy(), out_mask.numpy() == 4)
+        flips.add(bool(out_mask[10, 35] == 4))
+        assert bool(out_mask[10, 35] == 4) != bool(out_mask[10, 4] == 4)  # either the frame or its mirror
+    assert flips == {True, False}
+
+
+@pytest.mark.parametrize("before_resize", [True, False])
+def test_jitter_runs_before_or_after_the_resize_as_configured(before_resize):
+    """With brightness alone the draws are: the flip's, then the brightness factor. The output
+    must be resize(brightness(frame)) (official order) or brightness(resize(frame)) (ours)."""
+    import torchvision.transforms.functional as TF
+
+    from ddeseg.data.augment import normalize_image, resize_image
+
+    cfg = tiny_config(24)
+    cfg.data.augment.hflip = False
+    cfg.data.augment.color_jitter = (0.2, 0.0, 0.0, 0.0)
+    cfg.data.augment.jitter_before_resize = before_resize
+    rng = np.random.default_rng(7)
+    image = rng.integers(150, 256, size=(90, 70, 3), dtype=np.uint8)  # bright: brightening clips
+    for seed in range(3):
+        out_image, _, _, _ = augment_for_training(image, np.zeros((90, 70), np.uint8), None, np.zeros((4, 64), np.float32), cfg, np.random.default_rng(seed))
+        draws = np.random.default_rng(seed)
+        draws.random()  # the flip's draw
+        factor = draws.uniform(0.8, 1.2)
+        official = resize_image(np.asarray(TF.adjust_brightness(Image.fromarray(image), factor)), 24)
+        ours = TF.adjust_brightness(resize_image(image, 24), factor)
+        expected, other = (official, ours) if before_resize else (ours, official)
+        torch.testing.assert_close(out_image, normalize_image(expected), rtol=0, atol=0)
+        if factor > 1.05:  # clipping makes the two orders differ
+            assert not torch.equal(out_image, normalize_image(other))
+
+
+def test_eval_loader_is_resize_and_normalise_only(prepared_synthetic, micro_config_overrides):
+    """Every eval sample is the decoded frame through the official test transform (bilinear
+    resize, ToTensor, Normalize) and its mask resized nearest: no crop, flip or jitter, whatever
+    the augmentation settings and the seed."""
+    from ddeseg.config import load_config
+    from ddeseg.data import schema
+    from ddeseg.data.stream import default_label_lut, make_eval_loader, read_shard_samples
+
+    config = load_config(prepared_synthetic.config, micro_config_overrides)
+    config.data.augment.jitter_before_resize = True
+    size = config.data.image_size
+    shards = sorted((prepared_synthetic.shards / "v2" / "val").glob("*.tar"))
+    lut = default_label_lut([str(s) for s in shards], config)
+    raw = {}
+    for sample in read_shard_samples(shards):
+        if schema.MASK in sample:
+            raw[sample["__key__"]] = sample
+    official = T.Compose([T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    seen = 0
+    for batch in make_eval_loader(shards, config, batch_size=1, num_workers=0):
+        sample = raw[batch["key"][0]]
+        frame = schema.decode_image(sample[schema.image_member(sample)])
+        assert frame.shape[0] != size  # a real resize happens
+        torch.testing.assert_close(batch["image"][0], official(Image.fromarray(frame)), atol=1e-6, rtol=0)
+        expected_mask = resize_mask(lut[schema.decode_mask(sample[schema.MASK])], size)
+        np.testing.assert_array_equal(batch["mask"][0].numpy(), expected_mask)
+        seen += 1
+    assert seen == len(raw) > 0

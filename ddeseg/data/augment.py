@@ -17,9 +17,12 @@ Training augmentation follows the official recipe (`dataload/data_augmentation.p
    images that the official loader uses), ImageNet normalisation;
 5. optionally (`augment.spec_augment`) SpecAugment time and mel stripes on the log-mel.
 
-One deliberate difference: the colour jitter runs after the resize (on `image_size`^2 pixels
-instead of the full frame). Brightness, saturation and hue are per-pixel and contrast uses the
-image mean, so the result is the same up to rounding, at a fraction of the cost.
+Steps 3 and 4 run in the official order (jitter on the cropped frame, then resize) when
+`augment.jitter_before_resize` is true, as in the paper configs. False (ours, the demo's) jitters
+after the resize, on `image_size`^2 pixels instead of the frame's (far cheaper on large frames),
+but it is not the same image: the uint8 rounding and clipping of each operation, and the hue
+round trip, happen on other pixels (docs/augmentations.md has a measurement). The random draws
+are the same in both orders.
 
 Every random draw comes from the `numpy.random.Generator` passed in, so a sample's augmentation
 is a pure function of that generator's seed.
@@ -225,7 +228,8 @@ def augment_for_training(
     cfg: Config,
     rng: np.random.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float] | None]:
-    """One training sample: crop, flip, resize, jitter, normalise; SpecAugment if enabled.
+    """One training sample: crop, flip, jitter and resize (in `augment.jitter_before_resize`'s
+    order), normalise; SpecAugment if enabled.
 
     Args:
         image: uint8 RGB `[H, W, 3]`; mask: uint8 `[H, W]` class ids (already mapped to the
@@ -244,9 +248,14 @@ def augment_for_training(
     # Drawn even when flipping is off, so that turning it off changes no other random draw.
     if rng.random() < 0.5 and augment.hflip:
         image, mask, box = hflip(image, mask, box)
-    resized = resize_image(image, size)
-    if any(s > 0 for s in augment.color_jitter):
-        resized = color_jitter(resized, rng, tuple(augment.color_jitter))
+    jitter = tuple(augment.color_jitter) if any(s > 0 for s in augment.color_jitter) else None
+    if jitter is not None and augment.jitter_before_resize:
+        jittered = color_jitter(Image.fromarray(np.ascontiguousarray(image)), rng, jitter)
+        resized = resize_image(np.asarray(jittered), size)
+    else:
+        resized = resize_image(image, size)
+        if jitter is not None:
+            resized = color_jitter(resized, rng, jitter)
     if augment.spec_augment:
         logmel = spec_augment_logmel(logmel, rng)
     mask_tensor = torch.from_numpy(resize_mask(mask, size).astype(np.int64))

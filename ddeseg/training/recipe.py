@@ -1,6 +1,10 @@
 """What the two training recipes (`ddeseg train`, `ddeseg pretrain-audio`) share.
 
-- `warmup_cosine_lr`: the one learning-rate schedule (linear warm-up, then cosine to `min_lr`).
+- the learning-rate schedules, each a pure function of the global step (so a resumed run gets the
+  same tail): `official_lr` (the official DDESeg scheduler, quirks included) and
+  `warmup_cosine_lr` (ours: linear warm-up, then cosine to exactly `min_lr`); `train.schedule`
+  picks one (`SCHEDULES`), `scheduled_lr` applies the choice, `epoch_schedule` turns a schedule in
+  epochs into steps as the chosen schedule does.
 - `check_run_dir`: the run folder checks made before any work (not a file; an existing run is
   only continued with `--resume` or replaced with `--overwrite`).
 - `save_training_checkpoint`: the atomic checkpoint write with every rank's RNG state.
@@ -18,9 +22,67 @@ from typing import Any
 
 import torch
 
+from ddeseg.config import TRAINING_KEY_CHOICES, TrainConfig
 from ddeseg.distributed import DistributedContext
 from ddeseg.errors import DDESegError
 from ddeseg.training.checkpoint import atomic_torch_save, capture_rng_state
+
+# `train.schedule` values (the config checks them): the official scheduler's sequence, and ours.
+SCHEDULES = TRAINING_KEY_CHOICES["train.schedule"]
+
+
+def official_lr(step: int, *, base_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """The learning rate of optimizer step `step` (0-based) under the official DDESeg scheduler.
+
+    The official `util_tools/schedulers.py` chains, with torch's `SequentialLR` stepped after
+    every optimizer step, a `LambdaLR` warm-up `step / warmup_steps` and a
+    `CosineAnnealingLR(T_max=total_steps, eta_min=min_lr)` that takes over at the milestone
+    `warmup_steps` (torch restarts it there with `step(0)`, i.e. at `base_lr`). Written as a
+    closed form of the step:
+
+    - `step < warmup_steps`: `base_lr * step / warmup_steps`, so step 0 runs at lr 0 (its
+      `warmup_lr` is never read);
+    - after: `min_lr + (base_lr - min_lr) * (1 + cos(pi * (step - warmup_steps) / total_steps)) / 2`.
+      `T_max` counts the warm-up steps too, so the cosine never reaches `min_lr` (with v2.yaml's
+      150 epochs, 2 of them warm-up, the last step is still 0.044 % of `base_lr - min_lr` above
+      it); past `T_max` it rises again, as torch's does.
+
+    `total_steps` is the official `epochs x steps per epoch`; `warmup_steps` is 0 when there is
+    no warm-up (the official code then uses the cosine alone, from step 0). One quirk is not
+    reproduced: a warm-up shorter than one step (`0 < warmup_epochs x steps per epoch < 1`) makes
+    the official `SequentialLR` run the cosine one step late; here it is no warm-up.
+    """
+    if step < warmup_steps:
+        return base_lr * step / warmup_steps
+    cosine_step = step - warmup_steps
+    return min_lr + (base_lr - min_lr) * (1 + math.cos(math.pi * cosine_step / total_steps)) / 2
+
+
+def epoch_schedule(train: TrainConfig, steps_per_epoch: int) -> tuple[int, int]:
+    """`(steps, warmup_steps)` of a schedule given in epochs (`train.epochs_equivalent`,
+    `train.warmup_epochs`) over data of `steps_per_epoch` optimizer steps; the config's own
+    `steps` / `warmup_steps` where it gives none. Warm-up epochs become steps as the chosen
+    schedule does: the official scheduler truncates (`int(warmup_epochs * steps)`), ours rounds."""
+    if train.epochs_equivalent is None:
+        return train.steps, train.warmup_steps
+    steps = train.epochs_equivalent * steps_per_epoch
+    if train.warmup_epochs is None:
+        return steps, train.warmup_steps
+    exact = train.warmup_epochs * steps_per_epoch
+    return steps, int(exact) if train.schedule == "official" else round(exact)
+
+
+def scheduled_lr(
+    schedule: str, step: int, *, base_lr: float, min_lr: float, warmup_steps: int, total_steps: int, warmup_lr: float
+) -> float:
+    """The learning rate of optimizer step `step` under `schedule` (one of `SCHEDULES`)."""
+    if schedule == "official":
+        return official_lr(step, base_lr=base_lr, min_lr=min_lr, warmup_steps=warmup_steps, total_steps=total_steps)
+    if schedule == "warmup_cosine":
+        return warmup_cosine_lr(
+            step, base_lr=base_lr, min_lr=min_lr, warmup_steps=warmup_steps, total_steps=total_steps, warmup_lr=warmup_lr
+        )
+    raise DDESegError(f"train.schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
 
 
 def warmup_cosine_lr(
@@ -32,8 +94,9 @@ def warmup_cosine_lr(
     total_steps: int,
     warmup_lr: float | None = None,
 ) -> float:
-    """The learning rate of optimizer step `step` (0-based): a linear warm-up to `base_lr` over
-    `warmup_steps`, then a half cosine from `base_lr` to `min_lr` ending at `total_steps`.
+    """Our schedule (`train.schedule: warmup_cosine`): the learning rate of optimizer step `step`
+    (0-based), a linear warm-up to `base_lr` over `warmup_steps`, then a half cosine from
+    `base_lr` to `min_lr` ending at `total_steps`.
 
     Two warm-up forms, kept because each recipe's results depend on its own:
     - `warmup_lr` given (train): step 0 runs at `warmup_lr`, step `warmup_steps` at `base_lr`.
