@@ -246,20 +246,21 @@ def test_eval_loader_is_resize_and_normalise_only(prepared_synthetic, micro_conf
     the augmentation settings and the seed."""
     from ddeseg.config import load_config
     from ddeseg.data import schema
-    from ddeseg.data.stream import default_label_lut, make_eval_loader, read_shard_samples
+    from ddeseg.data.shards import ShardIndex
+    from ddeseg.data.stream import make_eval_loader, read_shard_samples
 
     config = load_config(prepared_synthetic.config, micro_config_overrides)
     config.data.augment.jitter_before_resize = True
     size = config.data.image_size
     shards = sorted((prepared_synthetic.shards / "v2" / "val").glob("*.tar"))
-    lut = default_label_lut([str(s) for s in shards], config)
+    lut = ShardIndex(prepared_synthetic.shards).label_lut(config.task, config.model.num_classes)
     raw = {}
     for sample in read_shard_samples(shards):
         if schema.MASK in sample:
             raw[sample["__key__"]] = sample
     official = T.Compose([T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     seen = 0
-    for batch in make_eval_loader(shards, config, batch_size=1, num_workers=0):
+    for batch in make_eval_loader(shards, config, batch_size=1, num_workers=0, label_lut=lut):
         sample = raw[batch["key"][0]]
         frame = schema.decode_image(sample[schema.image_member(sample)])
         assert frame.shape[0] != size  # a real resize happens
