@@ -28,11 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the micro model is fastest on one thread (see tests/test_predict.py)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread):
+    """The micro model on one thread (conftest)."""
 
 
 @pytest.fixture(scope="module")
