@@ -163,7 +163,7 @@ def write_run_info(out_dir: Path, startup_text: str, resume: bool, argv: Sequenc
 class ConsoleCopy:
     """While active, everything printed on `console` (`ddeseg.progress.console`) is also appended,
     as plain text, to `path`; `text` holds what was copied. Progress-bar refreshes are not prints:
-    the copy holds the start-up table, warnings, the periodic log lines and the end summary.
+    the copy holds the start-up table, warnings, an interruption and the end summary.
 
     One copy is active at a time: starting one stops the previous (a run that died of an
     exception before `stop` does not keep copying into its folder)."""
