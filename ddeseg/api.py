@@ -67,8 +67,8 @@ class Segmenter:
 
         Args:
             frames: one image or a batch. An image is a uint8 RGB numpy array `[H, W, 3]` (or
-                `[H, W]` grey), a PIL image, or a tensor `[3, H, W]` / `[H, W, 3]` (uint8, or float
-                in [0, 1]). A batch is a list of images (sizes may differ) or one array/tensor
+                `[H, W]` grey), a PIL image, an image file's path, or a tensor `[3, H, W]` /
+                `[H, W, 3]` (uint8, or float in [0, 1]). A batch is a list of images (sizes may differ) or one array/tensor
                 `[N, H, W, 3]` / `[N, 3, H, W]`.
             audio: per frame, the waveform starting at the frame (the model hears
                 `data.clip_seconds`, 1 s; shorter clips are repeated, longer ones cut): 1-D mono,
@@ -165,6 +165,14 @@ def _images(frames: Any) -> tuple[list[np.ndarray], bool]:
 
 
 def _image(frame: Any, where: str) -> np.ndarray:
+    if isinstance(frame, (str, Path)):
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(frame) as opened:
+                return np.asarray(opened.convert("RGB"))
+        except (OSError, UnidentifiedImageError) as error:
+            raise DDESegError(f"{where}: cannot read image {frame}: {error}") from None
     if hasattr(frame, "convert") and hasattr(frame, "size"):  # a PIL image
         return np.asarray(frame.convert("RGB"))
     array = frame.detach().cpu().numpy() if isinstance(frame, torch.Tensor) else np.asarray(frame)

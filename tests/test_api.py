@@ -96,9 +96,10 @@ def test_every_input_form_gives_the_labels_of_the_evaluation_preprocessing(best_
 
     batch = model.segment(images, mono, rate)
     assert len(batch) == 3 and all(np.array_equal(a, b) for a, b in zip(batch.masks, expected, strict=True))
-    # One frame in each form: PIL, a CHW uint8 tensor, a float HWC array in [0, 1].
+    # One frame in each form: a path, PIL, a CHW uint8 tensor, a float HWC array in [0, 1].
     stereo = np.stack([mono[0], mono[0]], axis=1)  # equal channels: their mean is the mono wave
     forms = [
+        (str(frames_and_wavs[0][0]), mono[0]),
         (Image.fromarray(images[0]), mono[0]),
         (torch.from_numpy(images[0].copy()).permute(2, 0, 1), torch.from_numpy(stereo.T.copy())),  # torchaudio [channels, samples]
         (images[0].astype(np.float32) / 255, stereo),  # soundfile [samples, channels]
