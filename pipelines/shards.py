@@ -277,6 +277,8 @@ def manifest_summary(shards_dir: Path) -> dict[str, Any]:
             for class_id, count in sorted(class_counts.items(), key=lambda item: -item[1])
         },
         "num_classes": len(names),
+        # Each task's own classes (its training ids), not the unified list of the folder.
+        "task_classes": {task: index.task_class_names(task) for task in sorted({t for t, _ in splits}, key=lambda t: ALL_TASKS.index(t) if t in ALL_TASKS else len(ALL_TASKS))},
         "rejects": index.rejects(),
         "layout": report.get("layout"),
         "root": report.get("root"),

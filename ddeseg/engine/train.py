@@ -11,6 +11,8 @@ CPU). Everything it writes goes under one run directory:
     RUN_DIR/last.pt          written every `train.checkpoint_every` steps, at the end, and on Ctrl-C
     RUN_DIR/best.pt          best validation mIoU (the val split; never test)
     RUN_DIR/data_errors/     samples the loader skipped (key, shard, reason), one file per worker
+    RUN_DIR/run.json         per start: command line, ddeseg version, git commit, start-up table
+    RUN_DIR/train.log        a plain-text copy of what the run printed
 
 Exact resume: the data stream of epoch `e` is a pure function of (seed, e, rank, worker), so
 `--resume` rebuilds the epoch's loader and skips the batches already consumed; with the model,
@@ -61,6 +63,7 @@ from ddeseg.engine.recipe import (
     save_training_checkpoint,
     scheduled_lr,
 )
+from ddeseg.engine.run_info import LOG_FILE, ConsoleCopy, record_inputs, write_run_info
 from ddeseg.engine.run_log import RunLog
 from ddeseg.errors import DDESegError
 from ddeseg.losses import SegmentationLoss
@@ -112,6 +115,8 @@ RESUME_MAY_CHANGE = (
     "prepare.",
     "memory_bank.",
     "predict.",
+    # Where the inputs are (a moved dataset may still resume) and their fingerprints.
+    "inputs.",
 )
 
 
@@ -126,6 +131,7 @@ class TrainRequest:
     init_checkpoints: tuple[Path, ...] = ()  # backbone / audio / official weights to start from
     stop_at: int | None = None  # stop after this step (the schedule still spans train.steps)
     overwrite: bool = False  # replace the run already in out_dir (else it is refused)
+    warnings: tuple[str, ...] = ()  # shown at the start and kept in train.log (e.g. a recorded input missing)
 
     @property
     def resume_path(self) -> Path | None:
@@ -293,8 +299,8 @@ def train(config: Config, request: TrainRequest, context: DistributedContext) ->
     }
     if run.run_log is not None:
         run.run_log.log({"event": "end", **summary})
+        _print_end_summary(summary, request.out_dir)  # before close: train.log keeps it
         run.run_log.close()
-        _print_end_summary(summary, request.out_dir)
     if interrupted:
         raise KeyboardInterrupt
     return summary
@@ -325,6 +331,11 @@ def check_inputs(config: Config, request: TrainRequest, context: DistributedCont
     payload = None
     if request.resume_path is not None:
         payload = load_training_checkpoint(request.resume_path)
+        if "optimizer" not in payload:
+            raise DDESegError(
+                f"--resume {request.resume_path}: holds the weights only (best.pt is written without the optimizer"
+                " state); resume from last.pt (--resume latest), or start from these weights with --init"
+            )
         reuse_batch_plan(config, payload, context.world_size, request.resume_path)
         check_resume_config(payload.get("config") or {}, config, request.resume_path)
     return TrainInputs(index, train_shards, val_shards, steps_per_epoch, bank, payload)
@@ -510,15 +521,26 @@ def start_run_dir(run: Run) -> None:
     if run.request.overwrite:
         clear_run_outputs(out_dir, REPLACED_BY_OVERWRITE)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Self-describing: the inputs (absolute, fingerprinted) in config.yaml, so that
+    # `ddeseg train --config RUN_DIR/config.yaml --out NEW` reruns it; run.json; train.log.
+    request, resume = run.request, bool(run.request.resume)
+    record_inputs(config, request.shards_dir, request.memory_bank, request.init_checkpoints)
     save_config(config, out_dir / "config.yaml")
+    if not resume:
+        (out_dir / LOG_FILE).write_text("")
+    log_copy = ConsoleCopy(out_dir / LOG_FILE, console)
+    for warning in request.warnings:
+        console.print(f"[yellow]warning[/]: {warning}", markup=True)
     _print_start_summary(run)
+    write_run_info(out_dir, log_copy.text, resume)
     run.run_log = RunLog(
         out_dir,
         tensorboard=config.train.tensorboard,
         wandb=config.train.wandb,
         wandb_project=config.train.wandb_project,
         config=to_dict(config),
-        resume=bool(run.request.resume),
+        resume=resume,
+        console_copy=log_copy,
     )
 
 
