@@ -50,7 +50,7 @@ def train_command(
     aliases = {"task": task, "train.steps": steps, "train.gpu_memory": gpu_memory, "train.memory_plan": memory_plan}
     overrides = options.stage_overrides(override, aliases) + (["train.epochs_equivalent=null"] if steps else [])
     cfg = load_config(config, overrides)
-    context = init_distributed(device)
+    context = init_distributed(device, timeout_s=cfg.train.collective_timeout_s)
     request = TrainRequest(shards_dir=shards, memory_bank=memory_bank, out_dir=out, resume=resume, init_checkpoints=tuple(init), stop_at=stop_at, overwrite=overwrite)
     try:
         with options.exit_130_on_interrupt():

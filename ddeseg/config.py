@@ -179,6 +179,14 @@ class TrainConfig:
     tensorboard: bool = False
     wandb: bool = False
     wandb_project: str = "ddeseg"
+    # A non-finite loss or gradient (all ranks agree on it, at the step): stop (nothing is saved
+    # over the last good checkpoint) or skip the step (counted in the log) up to
+    # max_nonfinite_in_a_row steps in a row, then stop.
+    on_nonfinite: str = "stop"  # stop | skip
+    max_nonfinite_in_a_row: int = 10
+    # torchrun: a collective that waits longer than this (a rank died or hangs) fails on every
+    # rank, which then exit instead of waiting forever (the process group's timeout).
+    collective_timeout_s: float = 600.0
 
 
 @dataclass
@@ -286,6 +294,8 @@ TRAINING_KEY_RANGES: dict[str, tuple[float, bool]] = {
     "train.log_every": (1, False),
     "train.eval_every": (1, False),
     "train.checkpoint_every": (1, False),
+    "train.max_nonfinite_in_a_row": (1, False),
+    "train.collective_timeout_s": (0, True),
     "pretrain_audio.steps": (1, False),
     "pretrain_audio.batch_size": (1, False),
     "pretrain_audio.base_lr": (0, True),
@@ -300,7 +310,7 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 
 def check_training_keys(config: Config) -> None:
     """Raise `ConfigError` naming the first training key whose value is out of range."""
-    _check_table(config, TRAINING_KEY_RANGES, {})
+    _check_table(config, TRAINING_KEY_RANGES, {"train.on_nonfinite": ("stop", "skip")})
     betas = config.train.betas
     if len(betas) != 2 or not all(0 <= beta < 1 for beta in betas):
         raise ConfigError(f"train.betas must be two numbers in [0, 1), got {list(betas)}")
