@@ -2,7 +2,7 @@
 and its worker processes), and of `ddeseg predict` on a long video against a short one.
 
     .venv/bin/python benchmarks/bench_load.py [--videos 300] [--workers 1 8] [--image-size 64]
-        [--predict-seconds 60 600] [--skip-predict] [--json out.json]
+        [--predict-seconds 60 600] [--predict-fps 0.1] [--skip-predict] [--json out.json]
 
 1. prepare: a synthetic `ddeseg`-layout dataset of `--videos` videos (task v2, 10 s each) is
    written once; `ddeseg prepare --workers W` runs on it for each W in a fresh subprocess, into a
@@ -105,6 +105,10 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--predict-seconds", type=int, nargs=2, default=[60, 600])
     parser.add_argument("--predict-size", default="320x180")
+    parser.add_argument(
+        "--predict-fps", type=float, default=0.1,
+        help="frames predicted per second of video: the whole video is still decoded and written (the streaming part)",
+    )
     parser.add_argument("--skip-predict", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -124,7 +128,8 @@ def main() -> None:
         short, long = args.predict_seconds
         subprocess.run(
             [sys.executable, str(REPO / "benchmarks" / "bench_predict.py"), "--seconds", str(short), str(long),
-             "--size", args.predict_size, "--fps-in", "10", "--rounds", "1", "--json", str(predict_json)],
+             "--size", args.predict_size, "--fps-in", "10", "--frames-per-second", str(args.predict_fps),
+             "--rounds", "1", "--json", str(predict_json)],
             check=True,
         )  # fmt: skip
         results["predict"] = json.loads(predict_json.read_text())
