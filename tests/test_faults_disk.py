@@ -22,6 +22,7 @@ from ddeseg.stage import RunOptions
 
 
 def _fsync_fails_for(monkeypatch, marker: str, on_call: int) -> None:
+    """`os.fsync` raises ENOSPC on its `on_call`-th call for a file whose path holds `marker`."""
     original = os.fsync
     calls = {"n": 0}
 

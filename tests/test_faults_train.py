@@ -5,7 +5,6 @@ ends with the weights of an uninterrupted one."""
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_faults_disk import _fsync_fails_for
 
 from ddeseg.checkpoint import load_training_checkpoint
 from ddeseg.config import load_config
@@ -201,24 +201,6 @@ def test_best_checkpoint_is_never_chosen_on_a_non_finite_metric():
     assert not is_new_best({"miou": float("inf"), "fscore": 0.0}, best)
     assert is_new_best({"miou": 0.2, "fscore": 0.0}, best)
     assert not is_new_best({"miou": 0.2, "fscore": 0.0}, {"miou": 0.3})
-
-
-def _fsync_fails_for(monkeypatch, marker: str, on_call: int) -> dict[str, int]:
-    """`os.fsync` raises ENOSPC on its `on_call`-th call for a file whose path holds `marker`
-    (a full disk reported at the flush, as on a real file system)."""
-    original = os.fsync
-    calls = {"n": 0}
-
-    def fsync(descriptor: int) -> None:
-        name = os.readlink(f"/proc/self/fd/{descriptor}")
-        if marker in name:
-            calls["n"] += 1
-            if calls["n"] == on_call:
-                raise OSError(errno.ENOSPC, "No space left on device")
-        original(descriptor)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    return calls
 
 
 def test_a_full_disk_at_a_checkpoint_keeps_the_last_one_and_a_rerun_resumes(
