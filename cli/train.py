@@ -63,7 +63,7 @@ def train_command(
         options.print_config(cfg)
     shards_dir, bank, init_files = train_inputs(cfg)
     out_dir = options.required(out, "--out RUN_DIR")
-    context = init_distributed(device)
+    context = init_distributed(device, timeout_s=cfg.train.collective_timeout_s)
     request = TrainRequest(shards_dir=shards_dir, memory_bank=bank, out_dir=out_dir, resume=resume, init_checkpoints=init_files, stop_at=stop_at, overwrite=overwrite, warnings=tuple(warnings))
     try:
         with options.exit_130_on_interrupt():

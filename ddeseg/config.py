@@ -187,6 +187,14 @@ class TrainConfig:
     tensorboard: bool = False
     wandb: bool = False
     wandb_project: str = "ddeseg"
+    # A non-finite loss or gradient (all ranks agree on it, at the step): stop (nothing is saved
+    # over the last good checkpoint) or skip the step (counted in the log) up to
+    # max_nonfinite_in_a_row steps in a row, then stop.
+    on_nonfinite: str = "stop"  # stop | skip
+    max_nonfinite_in_a_row: int = 10
+    # torchrun: a collective that waits longer than this (a rank died or hangs) fails on every
+    # rank, which then exit instead of waiting forever (the process group's timeout).
+    collective_timeout_s: float = 600.0
 
 
 @dataclass
@@ -309,6 +317,8 @@ TRAINING_KEY_RANGES: dict[str, tuple[float, bool]] = {
     "train.log_every": (1, False),
     "train.eval_every": (1, False),
     "train.checkpoint_every": (1, False),
+    "train.max_nonfinite_in_a_row": (1, False),
+    "train.collective_timeout_s": (0, True),
     "pretrain_audio.steps": (1, False),
     "pretrain_audio.batch_size": (1, False),
     "pretrain_audio.base_lr": (0, True),
@@ -321,6 +331,7 @@ TRAINING_KEY_RANGES: dict[str, tuple[float, bool]] = {
 PRECISIONS = ("bf16", "fp16", "fp32")
 TRAINING_KEY_CHOICES: dict[str, tuple[str, ...]] = {
     "train.schedule": ("official", "warmup_cosine"),  # ddeseg.engine.recipe's schedules
+    "train.on_nonfinite": ("stop", "skip"),  # a non-finite loss or gradient: stop, or skip the step
 }
 
 

@@ -101,11 +101,15 @@ def write_atomic(path: Path, data: bytes) -> None:
     """Write `data` to a hidden temporary file beside `path`, then rename it over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with temporary.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        with temporary.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)  # a full disk is not left fuller
+        raise
 
 
 def write_tar(path: Path, samples: list[dict[str, Any]]) -> tuple[str, int]:
@@ -116,16 +120,20 @@ def write_tar(path: Path, samples: list[dict[str, Any]]) -> tuple[str, int]:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with temporary.open("wb") as handle:
-        writer = TarWriter(
-            handle, user=TAR_OWNER, group=TAR_OWNER, mode=0o444, encoder=False, mtime=TAR_MTIME
-        )
-        for sample in samples:
-            writer.write(sample)
-        writer.close()
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        with temporary.open("wb") as handle:
+            writer = TarWriter(
+                handle, user=TAR_OWNER, group=TAR_OWNER, mode=0o444, encoder=False, mtime=TAR_MTIME
+            )
+            for sample in samples:
+                writer.write(sample)
+            writer.close()
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)  # a full disk is not left fuller
+        raise
     return sha256_file(path), path.stat().st_size
 
 

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from ddeseg.config import STAGE_KEY_CHOICES, Config, check_overrides
 from ddeseg.distributed import DistributedContext, barrier
 from ddeseg.errors import DDESegError
+from ddeseg.fileio import reporting_disk_full
 from ddeseg.inference import InferenceModel, load_for_inference, require_bank_classes, require_output_folder
 from ddeseg.metrics import AVSBenchBinaryMeter, SegmentationMeter, foreground_logits, predicted_labels
 from ddeseg.stage import ConfigSource, write_stage_config
@@ -555,7 +556,8 @@ def run_evaluation(
     report["shards"] = str(Path(paths.shards).resolve())
     report.update(partial_result(report["counts"]["frames_not_scored"], errors_dir, shards, index.root))
     if context.is_main:
-        _write_and_announce(report, collector, out_dir, class_names, config, errors_dir)
+        with reporting_disk_full(out_dir, "the evaluation"):  # one line, not a traceback
+            _write_and_announce(report, collector, out_dir, class_names, config, errors_dir)
     return report
 
 
