@@ -17,6 +17,23 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from ddeseg import __version__
+
+        typer.echo(f"ddeseg {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print ddeseg's version and exit."),
+) -> None:
+    """Audio-visual segmentation with DDESeg: synth -> prepare -> build-memory-bank -> train -> evaluate."""
+
+
 # Each command module records its command (`cli/registry.py`); the import order is the order in
 # `--help` (the pipeline's order), so these lines are not sorted.
 # ruff: noqa: I001
@@ -36,6 +53,10 @@ for _name, _settings, _function in COMMANDS:
 
 
 def main() -> None:
+    hint = set_without_equals(sys.argv[1:])
+    if hint:
+        print(f"error: {hint}", file=sys.stderr)
+        sys.exit(2)
     try:
         app()
     except DDESegError as error:
@@ -51,3 +72,12 @@ def _one_line(error: Exception) -> str:
         last = lines[-1]
         return last.split(": ", 1)[1] if last.startswith(type(error).__name__ + ":") else last
     return " ".join(line.strip() for line in lines)
+
+
+def set_without_equals(args: list[str]) -> str | None:
+    """The error for `--set key value` (two arguments; the parser would take `value` for an
+    extra argument, or for a video of `predict`), with the form to write instead; else None."""
+    for option, value in zip(args, args[1:], strict=False):
+        if option == "--set" and "=" not in value:
+            return f"--set {value}: write --set {value}=VALUE (key=value, one argument, no space around '=')"
+    return None

@@ -47,6 +47,7 @@ def build_memory_bank_command(
     batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Clips per embedding batch. (config: memory_bank.batch_size, default 64)"),
     override: list[str] = options.set_option("memory_bank.k=64"),
     quiet: bool = options.quiet_option(),
+    print_config: bool = options.print_config_option(),
 ) -> None:
     """Training shards -> per-class K-Means audio memory bank (BANK_DIR/bank.npy: classes x k x dim, float32).
 
@@ -80,6 +81,8 @@ def build_memory_bank_command(
         "memory_bank.batch_size": batch_size,
     }
     resolved = load_config(config, options.stage_overrides(override, settings))
+    if print_config:
+        options.print_config(resolved)
     paths = MemoryBankPaths(shards, out, audio_checkpoint=audio_checkpoint, reuse_embeddings=reuse_embeddings)
     with warnings.catch_warnings(), options.exit_130_on_interrupt():  # restores the usual warning printer afterwards
         warnings.showwarning = _one_line_warning

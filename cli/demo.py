@@ -18,6 +18,7 @@ def demo_command(
     seed: int = typer.Option(0, "--seed", help="Seed of the data, of training and of the memory bank's K-Means."),
     config: str = typer.Option("demo", "--config", help="Config YAML (path, or a bundled name)."),
     override: list[str] = options.set_option("data.image_size=96"),
+    print_config: bool = options.print_config_option(),
 ) -> None:
     """Run synth -> prepare -> pretrain-audio -> build-memory-bank -> train -> evaluate (with
     shuffled- and silent-audio controls) and write OUT/report.html, OUT/report.md, OUT/eval.json.
@@ -30,5 +31,7 @@ def demo_command(
 
     plan = DemoPlan.for_minutes(minutes, classes=classes, seed=seed, overrides=list(override))
     resolved = demo_config(plan, config)  # a bad --config or --set fails here, before anything is written
+    if print_config:
+        options.print_config(resolved)
     with options.exit_130_on_interrupt():
         run_demo(resolved, DemoPaths(out), plan)

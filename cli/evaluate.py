@@ -57,6 +57,7 @@ def evaluate_command(
     workers: int | None = typer.Option(None, "--workers", min=0, help="Loader workers per process. (config: data.num_workers)"),
     device: str | None = options.device_option(),
     override: list[str] = options.set_option("data.eval_batch_size=8"),
+    print_config: bool = options.print_config_option(),
     allow_partial: bool = typer.Option(False, "--allow-partial", help="Exit 0 even when frames of the split could not be scored (eval.json still says \"partial\": true)."),
     quiet: bool = options.quiet_option(),
 ) -> None:
@@ -75,6 +76,10 @@ def evaluate_command(
         "data.num_workers": workers,
     }
     source = ConfigSource(config, tuple(options.stage_overrides(override, settings)))
+    if print_config:
+        from ddeseg.inference import inference_config
+
+        options.print_config(inference_config(checkpoint, source.file, source.overrides))
     context = init_distributed(device)
     try:
         report = run_evaluation(source, EvaluatePaths(checkpoint, shards, out, memory_bank), context, progress=not quiet)

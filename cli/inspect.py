@@ -54,12 +54,11 @@ def inspect_command(
     for (task, split), counts in summary["splits"].items():
         table.add_row(task, split, str(counts["samples"]), str(counts["annotated"]), str(counts["silent"]))
     console.print(table)
+    for task, names in summary["task_classes"].items():
+        console.print(f"{task}: {len(names)} classes (with background): {', '.join(names)}", markup=False)
     top = list(summary["classes"].items())[:classes]
     if top:
-        console.print(
-            f"{summary['num_classes']} classes; most frequent (frames): "
-            + ", ".join(f"{name} {count}" for name, count in top)
-        )
+        console.print("most frequent classes (frames): " + ", ".join(f"{name} {count}" for name, count in top), markup=False)
     rejects = summary["rejects"]
     console.print(f"{len(rejects)} rejected")
     for reject in rejects[:10]:

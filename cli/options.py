@@ -50,8 +50,32 @@ def set_option(example: str) -> Any:
 
 
 def config_option(help: str, required: bool = False) -> Any:
-    """`--config CFG.yaml`: an existing file."""
-    return typer.Option(... if required else None, "--config", exists=True, dir_okay=False, help=help)
+    """`--config CFG.yaml`: a file, or the name of a bundled config (`v2`, `demo`; checked by
+    `ddeseg.config.resolve_config_path` when the config is loaded, before any work)."""
+    return typer.Option(... if required else None, "--config", dir_okay=False, help=f"{help} A bundled config by name works too (v1s, v1m, v2, VPO-SS, VPO-MS, VPO-MSMI, tiny, demo).")
+
+
+def print_config_option() -> Any:
+    return typer.Option(False, "--print-config", help="Print the resolved config (config file, --set, this command's options) as YAML and exit.")
+
+
+def print_config(config: Any) -> None:
+    """The resolved config as YAML on stdout (what OUT/config.yaml would hold), then exit 0."""
+    import yaml
+
+    from ddeseg.config import to_dict
+
+    typer.echo(yaml.safe_dump(to_dict(config), sort_keys=False), nl=False)
+    raise typer.Exit(0)
+
+
+def required(value: Any, option: str) -> Any:
+    """`value`, or the one-line error of a missing option (options that `--print-config` does not need)."""
+    if value is None:
+        from ddeseg.errors import DDESegError
+
+        raise DDESegError(f"missing option {option}")
+    return value
 
 
 def device_option(what: str = "") -> Any:

@@ -43,6 +43,7 @@ def predict_command(
     memory_bank: Path | None = options.inference_bank_option(),
     allow_no_audio: bool | None = typer.Option(None, "--allow-no-audio", help="Predict videos without an audio track with silence (said so in predictions.json) instead of failing. (config: predict.allow_no_audio)"),
     override: list[str] = options.set_option("predict.batch_size=4"),
+    print_config: bool = options.print_config_option(),
     quiet: bool = options.quiet_option(),
 ) -> None:
     """Segment the sounding objects in your own videos: masks, overlays, an overlay MP4 with sound, predictions.json."""
@@ -54,8 +55,13 @@ def predict_command(
         "predict.batch_size": batch_size,
         "predict.allow_no_audio": allow_no_audio,
     }
+    source = ConfigSource(config, tuple(options.stage_overrides(override, settings)))
+    if print_config:
+        from ddeseg.inference import inference_config
+
+        options.print_config(inference_config(checkpoint, source.file, source.overrides))
     results = run_predict(
-        ConfigSource(config, tuple(options.stage_overrides(override, settings))),
+        source,
         PredictPaths(checkpoint, list(videos), out, classes=classes, memory_bank=memory_bank),
         RunOptions(device=device, progress=not quiet),
     )

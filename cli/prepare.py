@@ -49,6 +49,7 @@ def prepare_command(
     ),
     override: list[str] = options.set_option("data.samples_per_shard=512"),
     quiet: bool = options.quiet_option(),
+    print_config: bool = options.print_config_option(),
 ) -> None:
     """Raw AVSBench / DDESeg / VPO dataset -> unified WebDataset shards (log-mel, boxes).
 
@@ -75,6 +76,8 @@ def prepare_command(
         "prepare.avsbench_part": avsbench_part,
     }
     resolved = load_config(config, options.stage_overrides(override, settings))
+    if print_config:
+        options.print_config(resolved)
     paths = PreparePaths(
         layout=layout.value,
         root=root,

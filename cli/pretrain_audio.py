@@ -20,6 +20,7 @@ def pretrain_audio_command(
     device: str | None = options.device_option(),
     override: list[str] = options.set_option("pretrain_audio.base_lr=5e-4"),
     quiet: bool = options.quiet_option(),
+    print_config: bool = options.print_config_option(),
 ) -> None:
     """Train the HTS-AT audio backbone as a multi-label sound-event classifier on the prepared
     training shards (labels: the classes in each frame's mask). The checkpoint is what
@@ -34,5 +35,7 @@ def pretrain_audio_command(
     from ddeseg.stage import RunOptions
 
     resolved = load_config(config, options.stage_overrides(override, {"task": task, "pretrain_audio.steps": steps}))
+    if print_config:
+        options.print_config(resolved)
     with options.exit_130_on_interrupt():
         pretrain_audio(resolved, PretrainAudioPaths(shards, out), RunOptions(device=device, progress=not quiet))

@@ -29,8 +29,16 @@ if TYPE_CHECKING:
 
 
 def mix_to_mono(data: np.ndarray) -> np.ndarray:
-    """float32 `[samples, channels]` -> float32 `[samples]`, the mean of the channels."""
-    return data.mean(axis=1, dtype=np.float64).astype(np.float32) if data.shape[1] > 1 else data[:, 0]
+    """`[samples]` (already mono, as soundfile reads a mono file) or `[samples, channels]` ->
+    float32 `[samples]`, the mean of the channels. Raises `ValueError` for other shapes."""
+    data = np.asarray(data)
+    if data.ndim == 1:
+        return data.astype(np.float32, copy=False)
+    if data.ndim != 2:
+        raise ValueError(f"audio must be [samples] or [samples, channels], got shape {data.shape}")
+    if data.shape[1] == 1:
+        return data[:, 0].astype(np.float32, copy=False)
+    return data.mean(axis=1, dtype=np.float64).astype(np.float32)
 
 
 def resample(wave: np.ndarray, rate: int, sample_rate: int) -> np.ndarray:

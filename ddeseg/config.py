@@ -188,6 +188,14 @@ class TrainConfig:
     tensorboard: bool = False
     wandb: bool = False
     wandb_project: str = "ddeseg"
+    # A non-finite loss or gradient (all ranks agree on it, at the step): stop (nothing is saved
+    # over the last good checkpoint) or skip the step (counted in the log) up to
+    # max_nonfinite_in_a_row steps in a row, then stop.
+    on_nonfinite: str = "stop"  # stop | skip
+    max_nonfinite_in_a_row: int = 10
+    # torchrun: a collective that waits longer than this (a rank died or hangs) fails on every
+    # rank, which then exit instead of waiting forever (the process group's timeout).
+    collective_timeout_s: float = 600.0
 
 
 @dataclass
@@ -256,6 +264,20 @@ class PredictConfig:
 
 
 @dataclass
+class InputsConfig:
+    """The files a training run read. `ddeseg train` records them here, absolute, with a
+    fingerprint each, in RUN_DIR/config.yaml, so that `ddeseg train --config RUN_DIR/config.yaml
+    --out NEW` reruns the run; `--shards`, `--memory-bank` and `--init` replace them."""
+
+    shards: str | None = None  # [--shards] SHARDS_DIR
+    memory_bank: str | None = None  # [--memory-bank] bank.npy
+    init: tuple[str, ...] = ()  # [--init] checkpoints loaded before step 0 (e.g. the audio backbone)
+    # path -> "sha256:HEX" (files up to 1 GiB, a shard folder's manifest.parquet) or
+    # "size=BYTES mtime=ISO" (larger files): a rerun warns when a file changed since.
+    fingerprints: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class Config:
     task: str = "v2"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -267,6 +289,7 @@ class Config:
     memory_bank: MemoryBankConfig = field(default_factory=MemoryBankConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    inputs: InputsConfig = field(default_factory=InputsConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,6 +318,8 @@ TRAINING_KEY_RANGES: dict[str, tuple[float, bool]] = {
     "train.log_every": (1, False),
     "train.eval_every": (1, False),
     "train.checkpoint_every": (1, False),
+    "train.max_nonfinite_in_a_row": (1, False),
+    "train.collective_timeout_s": (0, True),
     "pretrain_audio.steps": (1, False),
     "pretrain_audio.batch_size": (1, False),
     "pretrain_audio.base_lr": (0, True),
@@ -309,6 +334,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")  # train.precision; autocast (ddeseg.train
 CHECKPOINT_PARTS = ("visual_stages", "visual_blocks", "aligners", "head")
 TRAINING_KEY_CHOICES: dict[str, tuple[str, ...]] = {
     "train.schedule": ("official", "warmup_cosine"),  # ddeseg.training.recipe's schedules
+    "train.on_nonfinite": ("stop", "skip"),  # a non-finite loss or gradient: stop, or skip the step
 }
 
 
@@ -405,6 +431,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         item_type = args[0] if args else Any
         return tuple(_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{where}[{k!r}]") for k, v in value.items()}
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
@@ -483,7 +513,7 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
     nested: dict[str, Any] = {}
     for item in overrides or []:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value: write --set {item.strip()}=VALUE (one argument, no space around '=')")
         dotted, raw = item.split("=", 1)
         node = nested
         parts = dotted.strip().split(".")

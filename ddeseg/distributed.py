@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -61,8 +62,18 @@ def _visible_gpus() -> str:
     return f"visible: {', '.join(f'cuda:{i}' for i in range(count))}"
 
 
-def init_distributed(requested_device: str | None = None) -> DistributedContext:
-    """Initialise the process group when launched by torchrun; otherwise a single-process context."""
+# How long a collective waits for the other ranks before failing, when no config gives one.
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0
+
+
+def init_distributed(requested_device: str | None = None, timeout_s: float | None = None) -> DistributedContext:
+    """Initialise the process group when launched by torchrun; otherwise a single-process context.
+
+    `timeout_s` (`train.collective_timeout_s`): a collective that waits longer for the other
+    ranks fails (on gloo directly; on NCCL through its watchdog, with async error handling on, the
+    default), so when one rank dies or hangs the others exit instead of waiting forever; torchrun
+    then stops the whole job. It must exceed the longest gap between two collectives (e.g. a
+    validation or checkpoint write on rank 0 alone)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -71,7 +82,8 @@ def init_distributed(requested_device: str | None = None) -> DistributedContext:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend)
+        timeout = timedelta(seconds=timeout_s if timeout_s is not None else DEFAULT_COLLECTIVE_TIMEOUT_S)
+        dist.init_process_group(backend=backend, timeout=timeout)
     return DistributedContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 

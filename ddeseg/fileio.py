@@ -1,11 +1,94 @@
-"""Writing a folder so that a failure never leaves half of it under its final name."""
+"""Writing files and folders so that a failure (a crash, a signal, a full disk) never leaves half
+of one under its final name, and a full disk is one clear line, not a traceback."""
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from ddeseg.errors import DDESegError
+
+# errno values that mean "no room left": the disk (ENOSPC) or the user's quota (EDQUOT).
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
+
+
+class DiskFullError(DDESegError):
+    """A write ran out of disk space; the files written before it are intact."""
+
+
+def free_bytes(folder: Path) -> int | None:
+    """Free bytes on the file system of `folder` (or of its nearest existing parent)."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def human_bytes(count: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(count) < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024  # type: ignore[assignment]
+    return f"{count} B"
+
+
+def disk_full_error(folder: Path, needed_bytes: int | None = None, what: str = "") -> DiskFullError:
+    """The one-line error for a full disk: the folder, the bytes needed (when known) and free."""
+    free = free_bytes(folder)
+    parts = [f"disk full writing {what + ' in ' if what else ''}{folder}"]
+    if needed_bytes is not None:
+        parts.append(f"needs {human_bytes(needed_bytes)}")
+    if free is not None:
+        parts.append(f"{human_bytes(free)} free")
+    return DiskFullError(
+        ", ".join(parts) + "; the files written before are intact: free space and run the same command again"
+        " (a training run continues with --resume latest)"
+    )
+
+
+def is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS
+
+
+@contextmanager
+def reporting_disk_full(folder: Path, what: str = "") -> Iterator[None]:
+    """Turn an `OSError` for a full disk raised in the block into a `DiskFullError` (one line,
+    exit status 2) naming the folder written to. Other errors pass unchanged."""
+    try:
+        yield
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
+        where = Path(error.filename).parent if isinstance(error.filename, str) else Path(folder)
+        raise disk_full_error(where, what=what) from None
+
+
+def write_bytes_atomic(path: Path, data: bytes | memoryview) -> None:
+    """Write `data` to a hidden temporary file beside `path`, flush it to the disk, then rename it
+    over `path`: a reader (or a crash, SIGKILL included) sees the old file or the new one, never
+    part of one. When the write fails the temporary file is removed (a full disk is not left
+    fuller) and `path` is untouched; a full disk raises `DiskFullError` with the size needed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with temporary.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException as error:
+        temporary.unlink(missing_ok=True)
+        if is_disk_full(error):
+            raise disk_full_error(path.parent, len(data), what=path.name) from None
+        raise
 
 
 @contextmanager

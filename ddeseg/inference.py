@@ -78,17 +78,7 @@ def load_for_inference(
     path = Path(checkpoint)
     payload = read_checkpoint_file(path)
     ours = isinstance(payload, dict) and payload.get("format") == FORMAT
-    if config is not None:
-        resolved = load_config(config, list(overrides))
-        config_source = str(config)
-    elif ours:
-        resolved = config_from_dict(payload["config"], list(overrides))
-        config_source = "the config stored in it"
-    else:
-        raise DDESegError(
-            f"{path} is not a ddeseg training checkpoint (no config inside): pass --config CFG.yaml"
-            " with the model it was trained with (e.g. configs/v2.yaml for an official v2 checkpoint)"
-        )
+    resolved, config_source = _checkpoint_config(path, payload, config, overrides)
     bank = None
     if memory_bank is not None:
         binary = resolved.model.num_classes == 1
@@ -131,6 +121,29 @@ def load_for_inference(
         classes=list(stored.get("classes") or []),
         step=stored.get("step"),
         unexpected_keys=len(report.unexpected),
+    )
+
+
+def inference_config(checkpoint: str | Path, config: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """The config `load_for_inference` builds the model with (`config`, else the one stored in
+    the checkpoint, with `overrides`), without building the model (`--print-config`)."""
+    from ddeseg.models.weights import read_checkpoint_file
+
+    path = Path(checkpoint)
+    return _checkpoint_config(path, read_checkpoint_file(path), config, overrides)[0]
+
+
+def _checkpoint_config(
+    path: Path, payload: object, config: str | Path | None, overrides: Sequence[str]
+) -> tuple[Config, str]:
+    """(config, where it came from) for the checkpoint `payload` read from `path`."""
+    if config is not None:
+        return load_config(config, list(overrides)), str(config)
+    if isinstance(payload, dict) and payload.get("format") == FORMAT:
+        return config_from_dict(payload["config"], list(overrides)), "the config stored in it"
+    raise DDESegError(
+        f"{path} is not a ddeseg training checkpoint (no config inside): pass --config CFG.yaml"
+        " with the model it was trained with (e.g. configs/v2.yaml for an official v2 checkpoint)"
     )
 
 

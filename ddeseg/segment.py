@@ -26,7 +26,7 @@ The `ddeseg predict` stage (one folder per video) is `ddeseg.pipelines.predict`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,6 +175,28 @@ def predict_video(
     Raises:
         `VideoError` for an unusable file, possibly after some frames were yielded (corrupt data).
     """
+    yield from predict_frames(
+        sample_frames(path, config, frames_per_second, allow_no_audio), model, config, class_names, batch_size=batch_size
+    )
+
+
+def predict_frames(
+    frames: Iterable[SampledFrame],
+    model: torch.nn.Module,
+    config: Config,
+    class_names: Sequence[str],
+    *,
+    batch_size: int = 8,
+) -> Iterator[FramePrediction]:
+    """Segment frames with their audio (from a video, or given in memory by `ddeseg.api`).
+
+    Args:
+        frames: `SampledFrame`s: uint8 RGB images of any size, mono float32 waveforms of
+            `data.clip_seconds` at `model.frontend.sample_rate`.
+        model, config, class_names, batch_size: as `predict_video`.
+    Yields:
+        one `FramePrediction` per frame, in order, masks at each frame's size.
+    """
     if batch_size < 1:
         raise DDESegError(f"batch size must be >= 1, got {batch_size}")
 
@@ -183,7 +205,7 @@ def predict_video(
     # The model's own front end (e.g. a filterbank loaded from a checkpoint), run as prepare runs it.
     logmel = LogMelBatcher(model.frontend(), device=str(device), batch_size=batch_size)
     pending: list[SampledFrame] = []
-    for frame in sample_frames(path, config, frames_per_second, allow_no_audio):
+    for frame in frames:
         pending.append(frame)
         if len(pending) == batch_size:
             yield from _predict_batch(pending, model, logmel, config, class_names, device)

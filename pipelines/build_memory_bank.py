@@ -81,8 +81,10 @@ from ddeseg.data.shards import ShardIndex
 from ddeseg.data.stream import read_shard_samples
 from ddeseg.distributed import resolve_device
 from ddeseg.errors import DataError, DDESegError
+from ddeseg.fileio import reporting_disk_full
 from ddeseg.pipelines.shard_writer import write_atomic
 from ddeseg.progress import stage_progress
+from ddeseg.runlock import writer_lock
 from ddeseg.stage import RunOptions, write_stage_config
 
 BANK_FILE = "bank.npy"
@@ -676,6 +678,21 @@ class MemoryBankPaths:
 
 
 def build_memory_bank(
+    config: Config,
+    paths: MemoryBankPaths,
+    run: RunOptions = RunOptions(),
+    *,
+    embed_fn: EmbedFn | None = None,
+    embed_fingerprint: str | None = None,
+) -> MemoryBankResult:
+    """`_build_memory_bank` (see there) as the one writer of BANK_DIR (`ddeseg.runlock`); a full
+    disk is one line naming BANK_DIR (the earlier bank stays: every file is renamed into place)."""
+    out = Path(paths.out)
+    with writer_lock(out, "ddeseg build-memory-bank"), reporting_disk_full(out, "the memory bank"):
+        return _build_memory_bank(config, paths, run, embed_fn=embed_fn, embed_fingerprint=embed_fingerprint)
+
+
+def _build_memory_bank(
     config: Config,
     paths: MemoryBankPaths,
     run: RunOptions = RunOptions(),

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from ddeseg.config import STAGE_KEY_CHOICES, Config, check_overrides
 from ddeseg.distributed import DistributedContext, barrier
 from ddeseg.errors import DDESegError
+from ddeseg.fileio import reporting_disk_full
 from ddeseg.inference import InferenceModel, load_for_inference, require_bank_classes, require_output_folder
 from ddeseg.metrics import AVSBenchBinaryMeter, SegmentationMeter, foreground_logits, predicted_labels
 from ddeseg.stage import ConfigSource, write_stage_config
@@ -552,9 +553,11 @@ def run_evaluation(
     result, collector = _evaluate_split(loaded.model, config, index, shards, total, errors_dir, context, progress=progress)
     barrier()  # every rank's loader workers have written their error logs
     report = build_report(result, config, paths.checkpoint, loaded, total=total, errors_dir=errors_dir, world_size=context.world_size)
+    report["shards"] = str(Path(paths.shards).resolve())
     report.update(partial_result(report["counts"]["frames_not_scored"], errors_dir, shards, index.root))
     if context.is_main:
-        _write_and_announce(report, collector, out_dir, class_names, config, errors_dir)
+        with reporting_disk_full(out_dir, "the evaluation"):  # one line, not a traceback
+            _write_and_announce(report, collector, out_dir, class_names, config, errors_dir)
     return report
 
 
@@ -672,10 +675,11 @@ def build_report(
         "split": config.eval.split,
         "binary": result["binary"],
         "num_classes": result["num_classes"],
-        "checkpoint": str(checkpoint),
+        # Absolute: eval.json must say which files it scored wherever it is read from.
+        "checkpoint": str(Path(checkpoint).resolve()),
         "checkpoint_format": loaded.format,
         "checkpoint_step": loaded.step,
-        "memory_bank": loaded.memory_bank,
+        "memory_bank": loaded.memory_bank if loaded.memory_bank == "checkpoint" else str(Path(loaded.memory_bank).resolve()),
         "audio_control": config.eval.audio_control,
         "audio_control_unchanged_frames": result["audio_control_unchanged_frames"],
         "counts": {

@@ -36,7 +36,7 @@ from PIL import Image
 
 from ddeseg.classes import avss_palette
 from ddeseg.config import Config, check_overrides
-from ddeseg.fileio import building_directory
+from ddeseg.fileio import building_directory, reporting_disk_full
 from ddeseg.inference import InferenceModel, load_for_inference, require_output_folder, resolve_class_names
 from ddeseg.segment import MASKS_DIR, OVERLAYS_DIR, frame_name, predict_video
 from ddeseg.stage import ConfigSource, RunOptions, write_stage_config
@@ -254,7 +254,8 @@ def run_predict(config: ConfigSource, paths: PredictPaths, run: RunOptions = Run
     ffmpeg_log_level = av.logging.get_level()
     av.logging.set_level(None)
     try:
-        return _predict_all(paths, run, model, resolved, class_names, loaded)
+        with reporting_disk_full(Path(paths.out), "predictions"):  # one line; finished videos stay
+            return _predict_all(paths, run, model, resolved, class_names, loaded)
     finally:
         av.logging.set_level(ffmpeg_log_level)
 

@@ -71,6 +71,7 @@ from ddeseg.data.boxes import sounding_boxes
 from ddeseg.data.schema import SampleMeta, encode_array, encode_mask, sample_key
 from ddeseg.data.shards import read_classes_file
 from ddeseg.errors import DataError, DDESegError
+from ddeseg.fileio import reporting_disk_full
 from ddeseg.pipelines.bboxes import export_bbox_json
 from ddeseg.pipelines.records import FrameRef, RecordError, Reject
 from ddeseg.pipelines.shard_writer import (
@@ -85,6 +86,7 @@ from ddeseg.pipelines.shard_writer import (
     write_tar,
 )
 from ddeseg.pipelines.sources.common import Source, open_source
+from ddeseg.runlock import writer_lock
 from ddeseg.stage import RunOptions, write_stage_config
 
 ON_ERROR = STAGE_KEY_CHOICES["prepare.on_error"]
@@ -538,7 +540,10 @@ def prepare(config: Config, paths: PreparePaths, run: RunOptions = RunOptions())
     frontend, frontend_entry = prepare_frontend(config.model.frontend, paths.audio_checkpoint)
     created = not out.exists()
     try:
-        return _run(config, paths, run, source, out, frontend, frontend_entry, started)
+        # One writer per shards folder; a full disk is one line (the finished shards stay and a
+        # re-run keeps them).
+        with writer_lock(out, "ddeseg prepare"), reporting_disk_full(out, "shards"):
+            return _run(config, paths, run, source, out, frontend, frontend_entry, started)
     except DDESegError:
         if created:
             _remove_if_empty(out)  # bad input: no empty output folder is left behind

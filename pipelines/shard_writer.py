@@ -101,11 +101,15 @@ def write_atomic(path: Path, data: bytes) -> None:
     """Write `data` to a hidden temporary file beside `path`, then rename it over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with temporary.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        with temporary.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)  # a full disk is not left fuller
+        raise
 
 
 def write_tar(path: Path, samples: list[dict[str, Any]]) -> tuple[str, int]:
@@ -116,16 +120,20 @@ def write_tar(path: Path, samples: list[dict[str, Any]]) -> tuple[str, int]:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with temporary.open("wb") as handle:
-        writer = TarWriter(
-            handle, user=TAR_OWNER, group=TAR_OWNER, mode=0o444, encoder=False, mtime=TAR_MTIME
-        )
-        for sample in samples:
-            writer.write(sample)
-        writer.close()
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        with temporary.open("wb") as handle:
+            writer = TarWriter(
+                handle, user=TAR_OWNER, group=TAR_OWNER, mode=0o444, encoder=False, mtime=TAR_MTIME
+            )
+            for sample in samples:
+                writer.write(sample)
+            writer.close()
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)  # a full disk is not left fuller
+        raise
     return sha256_file(path), path.stat().st_size
 
 
@@ -278,6 +286,8 @@ def manifest_summary(shards_dir: Path) -> dict[str, Any]:
             for class_id, count in sorted(class_counts.items(), key=lambda item: -item[1])
         },
         "num_classes": len(names),
+        # Each task's own classes (its training ids), not the unified list of the folder.
+        "task_classes": {task: index.task_class_names(task) for task in sorted({t for t, _ in splits}, key=lambda t: ALL_TASKS.index(t) if t in ALL_TASKS else len(ALL_TASKS))},
         "rejects": index.rejects(),
         "layout": report.get("layout"),
         "root": report.get("root"),

@@ -11,6 +11,8 @@ CPU). Everything it writes goes under one run directory:
     RUN_DIR/last.pt          written every `train.checkpoint_every` steps, at the end, and on Ctrl-C
     RUN_DIR/best.pt          best validation mIoU (the val split; never test)
     RUN_DIR/data_errors/     samples the loader skipped (key, shard, reason), one file per worker
+    RUN_DIR/run.json         per start: command line, ddeseg version, git commit, start-up table
+    RUN_DIR/train.log        a plain-text copy of what the run printed
 
 Exact resume: the data stream of epoch `e` is a pure function of (seed, e, rank, worker), so
 `--resume` rebuilds the epoch's loader and skips the batches already consumed; with the model,
@@ -34,6 +36,7 @@ import contextlib
 import copy
 import functools
 import itertools
+import json
 import math
 import signal
 import threading
@@ -51,12 +54,14 @@ from ddeseg.bank import read_memory_bank
 from ddeseg.config import Config, save_config, to_dict
 from ddeseg.data.shards import ShardIndex
 from ddeseg.data.stream import count_data_errors, make_eval_loader, make_train_loader
-from ddeseg.distributed import DistributedContext, all_reduce_mean, barrier
+from ddeseg.distributed import DistributedContext, all_reduce_mean, all_reduce_sum, barrier
 from ddeseg.errors import DDESegError
+from ddeseg.fileio import reporting_disk_full, write_bytes_atomic
 from ddeseg.losses import SegmentationLoss
 from ddeseg.models import build_model, load_checkpoint
 from ddeseg.pipelines.evaluate import evaluate_model
 from ddeseg.progress import console, training_progress
+from ddeseg.runlock import writer_lock
 from ddeseg.training.checkpoint import FORMAT, load_training_checkpoint, restore_rng_state
 from ddeseg.training.memory_plan import (
     BATCHNORM_NOTE,
@@ -74,6 +79,7 @@ from ddeseg.training.recipe import (
     save_training_checkpoint,
     scheduled_lr,
 )
+from ddeseg.training.run_info import LOG_FILE, ConsoleCopy, record_inputs, write_run_info
 from ddeseg.training.run_log import RunLog
 from ddeseg.units import parse_bytes
 
@@ -101,6 +107,9 @@ RESUME_MAY_CHANGE = (
     "train.tensorboard",
     "train.wandb",
     "train.wandb_project",
+    "train.on_nonfinite",  # e.g. resume a diverged run with skip
+    "train.max_nonfinite_in_a_row",
+    "train.collective_timeout_s",
     "train.activation_checkpointing",
     "train.gpu_memory",
     "train.memory_plan",
@@ -112,6 +121,8 @@ RESUME_MAY_CHANGE = (
     "prepare.",
     "memory_bank.",
     "predict.",
+    # Where the inputs are (a moved dataset may still resume) and their fingerprints.
+    "inputs.",
 )
 
 
@@ -126,6 +137,7 @@ class TrainRequest:
     init_checkpoints: tuple[Path, ...] = ()  # backbone / audio / official weights to start from
     stop_at: int | None = None  # stop after this step (the schedule still spans train.steps)
     overwrite: bool = False  # replace the run already in out_dir (else it is refused)
+    warnings: tuple[str, ...] = ()  # shown at the start and kept in train.log (e.g. a recorded input missing)
 
     @property
     def resume_path(self) -> Path | None:
@@ -154,6 +166,7 @@ class LogWindow:
     running: dict[str, float] = field(default_factory=dict)
     samples: int = 0
     steps: int = 0
+    skipped: int = 0  # steps skipped for a non-finite loss or gradient (train.on_nonfinite skip)
     start: float = field(default_factory=time.time)
 
     def add(self, losses: dict[str, Any], grad_accum: int, samples: int) -> None:
@@ -185,6 +198,9 @@ class Run:
     step: int = 0
     best: dict[str, Any] = field(default_factory=lambda: {"miou": -1.0, "fscore": 0.0, "step": -1})
     window: LogWindow = field(default_factory=LogWindow)
+    stop_requested: bool = False  # SIGTERM/Ctrl-C seen by this rank (`_stop_at_step_boundary`)
+    stop_agreed: bool = False  # some rank saw one: every rank stops after this step
+    nonfinite_in_a_row: int = 0
 
     @property
     def device(self) -> torch.device:
@@ -263,7 +279,17 @@ def train(config: Config, request: TrainRequest, context: DistributedContext) ->
     np.random.seed(config.train.seed + context.rank)
     inputs = check_inputs(config, request, context)
     barrier()  # every rank has checked the run folder before rank 0 writes to it
+    # One writer per run folder (rank 0 holds the lock); a full disk is one line naming it.
+    with writer_lock(request.out_dir, "ddeseg train", enabled=context.is_main), reporting_disk_full(request.out_dir, "the run"):
+        return _train_locked(config, request, context, inputs)
+
+
+def _train_locked(config: Config, request: TrainRequest, context: DistributedContext, inputs: TrainInputs) -> dict[str, Any]:
     run = build_run(config, request, context, inputs)
+    if context.is_main and inputs.resume_payload is not None:
+        # After a SIGKILL the log may hold records past the checkpoint: the resumed run writes
+        # them again, so drop them (no step is logged twice).
+        forget_records_after(request.out_dir / "metrics.jsonl", run.step)
     start_run_dir(run)
     started = time.time()
     interrupted = run_training_loop(run)
@@ -278,8 +304,8 @@ def train(config: Config, request: TrainRequest, context: DistributedContext) ->
     }
     if run.run_log is not None:
         run.run_log.log({"event": "end", **summary})
+        _print_end_summary(summary, request.out_dir)  # before close: train.log keeps it
         run.run_log.close()
-        _print_end_summary(summary, request.out_dir)
     if interrupted:
         raise KeyboardInterrupt
     return summary
@@ -310,6 +336,11 @@ def check_inputs(config: Config, request: TrainRequest, context: DistributedCont
     payload = None
     if request.resume_path is not None:
         payload = load_training_checkpoint(request.resume_path)
+        if "optimizer" not in payload:
+            raise DDESegError(
+                f"--resume {request.resume_path}: holds the weights only (best.pt is written without the optimizer"
+                " state); resume from last.pt (--resume latest), or start from these weights with --init"
+            )
         reuse_batch_plan(config, payload, context.world_size, request.resume_path)
         check_resume_config(payload.get("config") or {}, config, request.resume_path)
     label_lut = index.label_lut(config.task, config.model.num_classes)
@@ -496,15 +527,26 @@ def start_run_dir(run: Run) -> None:
     if run.request.overwrite:
         clear_run_outputs(out_dir, REPLACED_BY_OVERWRITE)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Self-describing: the inputs (absolute, fingerprinted) in config.yaml, so that
+    # `ddeseg train --config RUN_DIR/config.yaml --out NEW` reruns it; run.json; train.log.
+    request, resume = run.request, bool(run.request.resume)
+    record_inputs(config, request.shards_dir, request.memory_bank, request.init_checkpoints)
     save_config(config, out_dir / "config.yaml")
+    if not resume:
+        (out_dir / LOG_FILE).write_text("")
+    log_copy = ConsoleCopy(out_dir / LOG_FILE, console)
+    for warning in request.warnings:
+        console.print(f"[yellow]warning[/]: {warning}", markup=True)
     _print_start_summary(run)
+    write_run_info(out_dir, log_copy.text, resume)
     run.run_log = RunLog(
         out_dir,
         tensorboard=config.train.tensorboard,
         wandb=config.train.wandb,
         wandb_project=config.train.wandb_project,
         config=to_dict(config),
-        resume=bool(run.request.resume),
+        resume=resume,
+        console_copy=log_copy,
     )
 
 
@@ -517,26 +559,41 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+class _StopAtStepBoundary(Exception):
+    """Every rank agreed to stop after the step just taken (a SIGTERM or Ctrl-C)."""
+
+
 def run_training_loop(run: Run) -> bool:
-    """Epochs until `train.steps` (or `--stop-at`); returns True when Ctrl-C/SIGTERM stopped it
-    (last.pt is saved then)."""
+    """Epochs until `train.steps` (or `--stop-at`); returns True when Ctrl-C/SIGTERM stopped it.
+
+    The first SIGTERM/Ctrl-C only asks to stop: the step under way completes (on every rank:
+    they agree through the step's collective), last.pt is saved at that step boundary, and the
+    run is exactly resumable. A second signal stops at once, without saving over last.pt (the
+    model may be half updated then); the last complete last.pt stays."""
     total_steps = run.config.train.steps
     stop_at = min(total_steps, run.request.stop_at or total_steps)
     progress = training_progress(enabled=run.context.is_main)
     run.window = LogWindow()
     run.model.train()
-    with progress, _sigterm_as_interrupt():
+    with progress, _sigterm_as_interrupt(run):
         task_id = progress.add_task("train", total=total_steps, completed=run.step, loss=float("nan"), lr=0.0, rate=0.0)
         show = functools.partial(progress.update, task_id)
         try:
             while run.step < stop_at:
                 run_epoch(run, stop_at, show)
-        except KeyboardInterrupt:
+        except _StopAtStepBoundary:
             save_checkpoint(run, "last.pt")
             if run.context.is_main:
                 console.print(
                     f"[yellow]interrupted[/] (Ctrl-C or SIGTERM): saved {run.request.out_dir / 'last.pt'} at step"
                     f" {run.step}; continue with --resume latest"
+                )
+            return True
+        except KeyboardInterrupt:
+            if run.context.is_main:
+                console.print(
+                    f"[yellow]stopped at once[/] (second signal) during step {run.step + 1}: last.pt holds the last"
+                    " completed checkpoint; continue with --resume latest"
                 )
             return True
     return False
@@ -563,6 +620,10 @@ def run_epoch(run: Run, stop_at: int, show: Callable[..., None]) -> None:
     step_at_epoch_start = run.step
     while run.step < stop_at and train_step(run, itertools.islice(batches, config.train.grad_accum)):
         after_step(run, epoch, stop_at, show)
+        # Ranks stop together: on a signal seen before this step's collective (else the next
+        # step's); one process stops at the first boundary after the signal.
+        if run.stop_agreed or (run.stop_requested and not run.context.is_distributed):
+            raise _StopAtStepBoundary
     if run.step == step_at_epoch_start:
         raise DDESegError(
             f"the training loader of task {config.task} yielded no batch (epoch {epoch});"
@@ -575,10 +636,17 @@ def train_step(run: Run, micro_batches: Iterable[dict[str, Any]]) -> bool:
     `micro_batches` (each is moved to the device, run forward and backward as it comes).
 
     Returns False, without stepping, when the micro-batches ran out before a full accumulation
-    (the epoch is over; gradients of a partial accumulation stay for the next step)."""
+    (the epoch is over; gradients of a partial accumulation stay for the next step).
+
+    A non-finite loss or gradient norm is seen here, before the optimizer step, and agreed on by
+    every rank in the step's one extra collective (which also carries a stop request):
+    `train.on_nonfinite` stop raises `TrainingDiverged` (nothing is saved over the last good
+    checkpoint); skip throws the step's gradients away, counts the step as skipped and goes on,
+    until `train.max_nonfinite_in_a_row` steps in a row were skipped."""
     config = run.config
     grad_accum = config.train.grad_accum
     count = 0
+    step_losses: list[tuple[dict[str, Any], int]] = []
     for count, batch in enumerate(micro_batches, start=1):
         batch = _to_device(batch, run.device)
         # DDP only syncs gradients on the last micro-batch of an accumulation.
@@ -588,19 +656,68 @@ def train_step(run: Run, micro_batches: Iterable[dict[str, Any]]) -> bool:
             logits = run.train_model(batch["image"], batch["logmel"])
             loss, parts = run.loss_fn(logits.float(), batch["mask"])
         run.scaler.scale(loss / grad_accum).backward()
-        run.window.add({"loss": loss.detach(), **parts}, grad_accum, batch["image"].shape[0])
+        step_losses.append(({"loss": loss.detach(), **parts}, batch["image"].shape[0]))
     if count < grad_accum:
+        for losses, samples in step_losses:  # logged as before; its gradients stay for the next step
+            run.window.add(losses, grad_accum, samples)
         return False
+    grad_norm = None
     if config.train.grad_clip:
         run.scaler.unscale_(run.optimizer)
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.train.grad_clip)
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.train.grad_clip)
+    elif not run.scaler.is_enabled():  # fp16's scaler skips overflowing steps by itself
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in run.model.parameters() if p.grad is not None])
+    loss_value = sum(float(losses["loss"]) for losses, _ in step_losses) / grad_accum
+    nonfinite = not math.isfinite(loss_value) or (
+        grad_norm is not None and not run.scaler.is_enabled() and not bool(torch.isfinite(grad_norm))
+    )
+    flags = all_reduce_sum(torch.tensor([float(nonfinite), float(run.stop_requested)], device=run.device))
+    run.stop_agreed = run.stop_agreed or bool(flags[1] > 0)
+    if flags[0] > 0:
+        _handle_nonfinite(run, step_losses, grad_norm)
+        if run.scaler.is_enabled() and config.train.grad_clip:
+            run.scaler.update()  # unscale_ ran: the scaler must close this step (and lowers its scale)
+    else:
+        run.nonfinite_in_a_row = 0
+        for losses, samples in step_losses:
+            run.window.add(losses, grad_accum, samples)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.window.steps += 1
     run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
     run.step += 1
-    run.window.steps += 1
     return True
+
+
+class TrainingDiverged(DDESegError):
+    """The loss or a gradient became non-finite (`train.on_nonfinite`)."""
+
+
+def _handle_nonfinite(run: Run, step_losses: list[tuple[dict[str, Any], int]], grad_norm: torch.Tensor | None) -> None:
+    """A step whose loss or gradient is non-finite on some rank: stop, or skip it (the schedule
+    and the data still advance, so a resumed run stays exact)."""
+    train = run.config.train
+    step = run.step + 1
+    terms = {name: sum(float(losses[name]) for losses, _ in step_losses) / len(step_losses) for name in step_losses[0][0]}
+    shown = ", ".join(f"{name} {value:.4g}" for name, value in terms.items())
+    norm = f"{float(grad_norm):.4g}" if grad_norm is not None else "not measured"
+    lr = run.optimizer.param_groups[0]["lr"]
+    where = f"non-finite loss or gradient at step {step} (this rank: {shown}; gradient norm {norm}; lr {lr:.3g})"
+    run.nonfinite_in_a_row += 1
+    if train.on_nonfinite == "stop":
+        raise TrainingDiverged(
+            f"{where}: stopped, {run.request.out_dir / 'last.pt'} is the last good checkpoint; lower train.base_lr,"
+            " or resume with --set train.on_nonfinite=skip to skip such steps"
+        )
+    if run.nonfinite_in_a_row >= train.max_nonfinite_in_a_row:
+        raise TrainingDiverged(
+            f"{where}: {run.nonfinite_in_a_row} steps in a row were non-finite (train.max_nonfinite_in_a_row):"
+            f" stopped, {run.request.out_dir / 'last.pt'} is the last good checkpoint"
+        )
+    run.window.skipped += 1
+    if run.context.is_main:
+        console.print(f"[yellow]skipped[/] {where}")
 
 
 def after_step(run: Run, epoch: int, stop_at: int, show: Callable[..., None]) -> None:
@@ -617,11 +734,16 @@ def after_step(run: Run, epoch: int, stop_at: int, show: Callable[..., None]) ->
         if result is not None:
             if run.run_log is not None:
                 run.run_log.log({"step": step, "split": "val", **_scalars(result)})
-            if result["miou"] > run.best["miou"]:
+            if is_new_best(result, run.best):
                 run.best = {"miou": result["miou"], "fscore": result["fscore"], "step": step}
                 save_checkpoint(run, "best.pt")
     if step % train.checkpoint_every == 0 or step in (total_steps, stop_at):
         save_checkpoint(run, "last.pt")
+
+
+def is_new_best(result: dict[str, Any], best: dict[str, Any]) -> bool:
+    """A validation result beats `best` only with a finite mIoU (a NaN never becomes best.pt)."""
+    return math.isfinite(result["miou"]) and result["miou"] > best["miou"]
 
 
 def log_window(run: Run, epoch: int, show: Callable[..., None]) -> None:
@@ -631,9 +753,10 @@ def log_window(run: Run, epoch: int, show: Callable[..., None]) -> None:
     averaged = all_reduce_mean({k: v / window.steps for k, v in window.running.items()}, run.device)
     rate = window.samples * run.context.world_size / max(time.time() - window.start, 1e-9)
     lr = run.optimizer.param_groups[0]["lr"]
+    skipped = {"skipped_steps": window.skipped} if window.skipped else {}  # train.on_nonfinite skip
     if run.run_log is not None:
-        run.run_log.log({"step": run.step, "epoch": epoch, "lr": lr, "samples_per_s": rate, **averaged})
-    show(completed=run.step, loss=averaged["loss"], lr=lr, rate=rate)
+        run.run_log.log({"step": run.step, "epoch": epoch, "lr": lr, "samples_per_s": rate, **averaged, **skipped})
+    show(completed=run.step, loss=averaged.get("loss", float("nan")), lr=lr, rate=rate)
     run.window = LogWindow()
 
 
@@ -680,21 +803,51 @@ def save_checkpoint(run: Run, name: str) -> None:
     )
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """Treat SIGTERM (what schedulers send before preempting a job) like Ctrl-C: save last.pt
-    and stop. Only in the main thread, and the previous handler is restored afterwards."""
+def _sigterm_as_interrupt(run: Run):
+    """SIGTERM (what schedulers send before preempting a job) and Ctrl-C ask the loop to stop at
+    the end of the step under way (`run.stop_requested`; the loop saves last.pt there); a second
+    one raises KeyboardInterrupt at once. Only in the main thread; the previous handlers are
+    restored afterwards."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
+    def request_stop(signum: int, frame: Any) -> None:
+        if run.stop_requested:
+            raise KeyboardInterrupt
+        run.stop_requested = True
+        if run.context.is_main:
+            console.print(
+                f"[yellow]{signal.Signals(signum).name}[/]: stopping after this step and saving last.pt"
+                " (send it again to stop at once)"
+            )
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {number: signal.signal(number, request_stop) for number in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def forget_records_after(log: Path, step: int) -> None:
+    """Drop the records of steps after `step` from the metrics log (rewritten atomically); the
+    events without a step (start, end) stay."""
+    if not log.is_file():
+        return
+    lines = log.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _record_step(line) <= step]
+    if len(kept) != len(lines):
+        write_bytes_atomic(log, "".join(kept).encode())
+
+
+def _record_step(line: str) -> float:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return math.inf  # a line cut by SIGKILL: dropped
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, (int, float)) else -math.inf
 
 
 def _scalars(result: dict[str, Any]) -> dict[str, float]:

@@ -65,3 +65,28 @@ def prepared_synthetic(tmp_path_factory) -> PreparedDataset:
     config = load_config(DEMO_CONFIG, MICRO_OVERRIDES)
     prepare(config, PreparePaths(layout="ddeseg", root=raw, out=root / "shards", tasks=["v2"]), RunOptions(progress=False))
     return PreparedDataset(raw=raw, shards=root / "shards", config=DEMO_CONFIG)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The micro model is fastest on one thread: on a shared 2-core machine a second OpenMP
+    thread that waits for a busy core makes a forward pass much slower (see tests/test_predict.py)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def invoke_cli(*args: str) -> str:
+    """Run `ddeseg ARGS` in-process; re-raise an error it raised, require exit 0; its output."""
+    from typer.testing import CliRunner
+
+    from ddeseg.cli.app import app
+
+    result = CliRunner().invoke(app, list(args))
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    assert result.exit_code == 0, result.output
+    return result.output

@@ -43,6 +43,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -251,7 +252,16 @@ def _web_loader(dataset: wds.DataPipeline, num_workers: int, seed: int) -> wds.W
         # The DataLoader draws its workers' base seed from this generator, not from the global
         # torch RNG, which a resumed run restores and must not see consumed by loader creation.
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=_ignore_stop_signals if num_workers > 0 else None,
     )
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers ignore Ctrl-C and SIGTERM (a terminal or a scheduler sends them to the whole
+    process group): the training process decides when to stop, at a step boundary, and a worker
+    that died first would fail the batches of the step it finishes. Workers still exit with it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _check_rank(rank: int, world_size: int) -> None:

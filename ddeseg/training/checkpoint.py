@@ -13,9 +13,8 @@ Everything in it is a tensor or a plain Python container, so it loads with
 
 from __future__ import annotations
 
-import os
+import io
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from ddeseg.errors import CheckpointError
+from ddeseg.fileio import write_bytes_atomic
 
 FORMAT = "ddeseg-train-1"
 
@@ -66,18 +66,17 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 def atomic_torch_save(payload: dict[str, Any], path: str | Path) -> Path:
-    """Write `payload` to `path` through a temporary file in the same folder and rename it, so a
-    crash or Ctrl-C never leaves a truncated checkpoint under the final name."""
+    """Write `payload` to `path` through a temporary file in the same folder, flushed to the disk,
+    and rename it: a crash, SIGKILL or Ctrl-C never leaves a truncated checkpoint under the final
+    name, and a reader (`evaluate` on a run being trained) always loads a complete one.
+
+    The payload is serialised in memory first: `torch.save` writing to a file turns a full disk
+    into an opaque RuntimeError ("unexpected pos"), whereas the plain write reports ENOSPC, which
+    becomes `DiskFullError` naming the folder and the bytes needed; the earlier file is intact."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        torch.save(payload, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    write_bytes_atomic(path, buffer.getbuffer())
     return path
 
 

@@ -28,8 +28,10 @@ class RunLog:
         wandb_project: str = "ddeseg",
         config: dict[str, Any] | None = None,
         resume: bool = False,
+        console_copy: Any = None,
     ) -> None:
         self.path = run_dir / "metrics.jsonl"
+        self._console_copy = console_copy  # a `ddeseg.training.run_info.ConsoleCopy`, stopped on close
         if not resume:
             self.path.write_text("")  # a new run starts a new log; --resume appends
         self._tensorboard = None
@@ -75,6 +77,8 @@ class RunLog:
             self._wandb.log(scalars, step=int(step))
 
     def close(self) -> None:
+        if self._console_copy is not None:
+            self._console_copy.stop()
         if self._tensorboard is not None:
             self._tensorboard.close()
         if self._wandb is not None:
