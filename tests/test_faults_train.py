@@ -22,9 +22,9 @@ from test_faults_disk import _fsync_fails_for
 
 from ddeseg.config import load_config
 from ddeseg.distributed import DistributedContext
-from ddeseg.engine import train as train_module
 from ddeseg.errors import DDESegError
 from ddeseg.fileio import DiskFullError
+from ddeseg.pipelines import train as train_module
 from ddeseg.pipelines.train import TrainRequest, is_new_best, train
 from ddeseg.training.checkpoint import load_training_checkpoint
 
