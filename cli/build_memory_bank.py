@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import warnings
-from enum import Enum
 from pathlib import Path
 
 import typer
@@ -12,10 +11,7 @@ import typer
 from ddeseg.cli import options
 from ddeseg.cli.registry import command
 
-
-class MissingFill(str, Enum):
-    global_mean = "global_mean"
-    zeros = "zeros"
+MissingFill = options.config_choices("MissingFill", "memory_bank.missing_fill")
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
@@ -29,14 +25,14 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 @command("build-memory-bank", no_args_is_help=True)
 def build_memory_bank_command(
     shards: Path = typer.Option(..., "--shards", help="Prepared directory (SHARDS_DIR) of `ddeseg prepare`."),
-    k: int | None = typer.Option(None, "--k", min=1, help="Centroids (K-Means clusters) per class. (config: memory_bank.k, default 128)"),
+    k: int | None = typer.Option(None, "--k", help="Centroids (K-Means clusters) per class. (config: memory_bank.k, default 128)"),
     out: Path = typer.Option(..., "--out", help="Output folder (BANK_DIR): bank.npy, bank.json, embeddings.parquet, config.yaml."),
     config: Path | None = options.config_option("Config YAML (memory_bank, model, and task as the default of --task); default: the built-in defaults."),
     audio_checkpoint: Path | None = typer.Option(None, "--audio-checkpoint", exists=True, dir_okay=False, help="Weights of the frozen audio backbone (e.g. RUN_DIR/audio.pt of `ddeseg pretrain-audio`)."),
     task: str | None = options.task_option("Task whose training shards are read (v1s, v1m, v2, VPO-*); default: the config's."),
     reuse_embeddings: bool = typer.Option(False, "--reuse-embeddings", help="Re-cluster BANK_DIR/embeddings.parquet of an earlier run instead of embedding again."),
-    niter: int | None = typer.Option(None, "--niter", min=1, help="K-Means iterations. (config: memory_bank.niter, default 25)"),
-    nredo: int | None = typer.Option(None, "--nredo", min=1, help="K-Means restarts; the best is kept. (config: memory_bank.nredo, default 1)"),
+    niter: int | None = typer.Option(None, "--niter", help="K-Means iterations. (config: memory_bank.niter, default 25)"),
+    nredo: int | None = typer.Option(None, "--nredo", help="K-Means restarts; the best is kept. (config: memory_bank.nredo, default 1)"),
     seed: int | None = typer.Option(None, "--seed", help="K-Means random seed (same seed, same bank on the CPU). (config: memory_bank.seed, default 0)"),
     spherical: bool | None = typer.Option(None, "--spherical", help="Cosine K-Means: normalised embeddings, unit-length centroids. (config: memory_bank.spherical)"),
     include_multi_source: bool | None = typer.Option(None, "--include-multi-source", help="Also use samples with several sounding classes, for each of their classes. (config: memory_bank.include_multi_source)"),
@@ -44,7 +40,7 @@ def build_memory_bank_command(
     allow_missing_classes: bool | None = typer.Option(None, "--allow-missing-classes", help="Fill classes without any sample instead of failing. (config: memory_bank.allow_missing_classes)"),
     missing_fill: MissingFill | None = typer.Option(None, "--missing-fill", help="Row of a class without samples: global_mean or zeros. (config: memory_bank.missing_fill, default global_mean)"),
     device: str | None = options.device_option("Embedding and FAISS device: "),
-    batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Clips per embedding batch. (config: memory_bank.batch_size, default 64)"),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Clips per embedding batch. (config: memory_bank.batch_size, default 64)"),
     override: list[str] = options.set_option("memory_bank.k=64"),
     quiet: bool = options.quiet_option(),
     print_config: bool = options.print_config_option(),

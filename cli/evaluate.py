@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 
 import typer
@@ -35,10 +34,7 @@ counts.frames_not_scored and skipped_shards; --allow-partial accepts such a resu
 PARTIAL_EXIT = 3  # a result on less than the whole split: written, marked, but not a success
 
 
-class AudioControlChoice(str, Enum):  # the values of ddeseg.pipelines.evaluate.AUDIO_CONTROLS
-    none = "none"
-    shuffled = "shuffled"
-    silent = "silent"
+AudioControlChoice = options.config_choices("AudioControlChoice", "eval.audio_control")
 
 
 @command("evaluate", no_args_is_help=True, epilog=EPILOG)
@@ -51,10 +47,10 @@ def evaluate_command(
     audio_control: AudioControlChoice | None = typer.Option(None, "--audio-control", help="none; shuffled (each frame gets another frame's audio from its batch); silent (the log-mel of a zero waveform). The drop from `none` shows how much the model listens. (config: eval.audio_control, default none)"),
     config: Path | None = options.inference_config_option(),
     memory_bank: Path | None = options.inference_bank_option(),
-    pictures: int | None = typer.Option(None, "--pictures", min=0, help="Frames to draw (the first by key). (config: eval.pictures)"),
-    worst: int | None = typer.Option(None, "--worst", min=0, help="Frames on the worst-frames contact sheet. (config: eval.worst_frames)"),
-    batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Frames per batch. (config: data.eval_batch_size)"),
-    workers: int | None = typer.Option(None, "--workers", min=0, help="Loader workers per process. (config: data.num_workers)"),
+    pictures: int | None = typer.Option(None, "--pictures", help="Frames to draw (the first by key). (config: eval.pictures)"),
+    worst: int | None = typer.Option(None, "--worst", help="Frames on the worst-frames contact sheet. (config: eval.worst_frames)"),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Frames per batch. (config: data.eval_batch_size)"),
+    workers: int | None = typer.Option(None, "--workers", help="Loader workers per process. (config: data.num_workers)"),
     device: str | None = options.device_option(),
     override: list[str] = options.set_option("data.eval_batch_size=8"),
     print_config: bool = options.print_config_option(),

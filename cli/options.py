@@ -7,7 +7,7 @@ A command's options are of three kinds:
 - stage settings (`--k`, `--workers`, `--split`, `--frames-per-second`, ...): aliases of a config
   key (`memory_bank.k`, `prepare.workers`, `eval.split`, `predict.frames_per_second`). They
   default to None, "not given": then the config decides (its file, else the built-in default);
-  given, they override the key. `stage_overrides` turns them into `--set` items;
+  given, they override the key. `stage_overrides` puts them after the `--set` items;
 - `--config` and `--set section.key=value`, the config itself.
 
 Precedence, lowest first: the built-in defaults (`ddeseg.config`), the config file (or the one
@@ -16,7 +16,6 @@ stored in a checkpoint), `--set`, the command's own options.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from enum import Enum
@@ -24,13 +23,21 @@ from typing import Any
 
 import typer
 
+from ddeseg.config import STAGE_KEY_CHOICES, Override
 
-def stage_overrides(sets: list[str], aliases: Mapping[str, Any]) -> list[str]:
-    """The `--set` items, then `key=value` for every alias option given (not None), so that an
-    option wins over a `--set` of the same key. Values are written as JSON, which YAML reads back
-    unchanged (strings quoted, true/false, numbers)."""
+
+def stage_overrides(sets: list[str], aliases: Mapping[str, Any]) -> list[Override]:
+    """The `--set` items, then a `(key, value)` pair for every alias option given (not None), so
+    that an option wins over a `--set` of the same key. The pairs carry the typed values as they
+    are (the config checks them); an Enum choice gives its value."""
     given = {key: value.value if isinstance(value, Enum) else value for key, value in aliases.items() if value is not None}
-    return [*sets, *(f"{key}={json.dumps(value)}" for key, value in given.items())]
+    return [*sets, *given.items()]
+
+
+def config_choices(name: str, key: str) -> type[Enum]:
+    """A Typer choice type whose values are the config's choices for `key` (`STAGE_KEY_CHOICES`):
+    the option and the config accept the same values, from one table."""
+    return Enum(name, {value: value for value in STAGE_KEY_CHOICES[key]}, type=str)
 
 
 @contextmanager

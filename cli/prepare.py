@@ -17,15 +17,8 @@ class Layout(str, Enum):
     vpo = "vpo"
 
 
-class OnError(str, Enum):
-    skip = "skip"
-    fail = "fail"
-
-
-class AVSBenchPart(str, Enum):
-    auto = "auto"
-    semantic = "semantic"
-    object = "object"
+OnError = options.config_choices("OnError", "prepare.on_error")
+AVSBenchPart = options.config_choices("AVSBenchPart", "prepare.avsbench_part")
 
 
 @command("prepare", no_args_is_help=True)
@@ -35,7 +28,7 @@ def prepare_command(
     out: Path = typer.Option(..., "--out", help="Output folder (SHARDS_DIR): shards, manifest.parquet, classes.json, prepare.json, rejects.jsonl, config.yaml."),
     tasks: str | None = typer.Option(None, "--tasks", help="Comma-separated tasks: v1s,v1m,v2 and/or VPO-SS,VPO-MS,VPO-MSMI; default: every task found under --root."),
     config: Path | None = options.config_option("Config YAML (prepare, model.frontend, data.clip_seconds, data.samples_per_shard, data.vpo_audio); default: the built-in defaults, Config()."),
-    workers: int | None = typer.Option(None, "--workers", min=1, help="Processes that read and check frames; the output is the same for any number. (config: prepare.workers, default 1)"),
+    workers: int | None = typer.Option(None, "--workers", help="Processes that read and check frames; the output is the same for any number. (config: prepare.workers, default 1)"),
     on_error: OnError | None = typer.Option(None, "--on-error", help="skip: list bad frames in rejects.jsonl and go on; fail: stop at the first one. (config: prepare.on_error, default skip)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace everything an earlier prepare wrote to --out (all tasks), instead of keeping its finished shards and the other tasks' shards."),
     export_bbox_json: bool | None = typer.Option(None, "--export-bbox-json", help="Also write SHARDS_DIR/bbox/{avss,vpo}_bbox_orisize.json in the official DDESeg form. (config: prepare.export_bbox_json)"),

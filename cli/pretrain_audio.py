@@ -16,7 +16,7 @@ def pretrain_audio_command(
     config: Path = options.config_option("Config YAML; its model.audio/frontend sections define the backbone and its pretrain_audio section the recipe.", required=True),
     out: Path = typer.Option(..., "--out", help="Run directory: audio.pt, metrics.jsonl, config.yaml."),
     task: str | None = options.task_option("Task whose training shards to learn from (default: the config's)."),
-    steps: int | None = typer.Option(None, "--steps", min=1, help="Optimizer steps. (config: pretrain_audio.steps)"),
+    steps: int | None = typer.Option(None, "--steps", help="Optimizer steps. (config: pretrain_audio.steps)"),
     device: str | None = options.device_option(),
     override: list[str] = options.set_option("pretrain_audio.base_lr=5e-4"),
     quiet: bool = options.quiet_option(),

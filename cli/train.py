@@ -8,6 +8,13 @@ import typer
 
 from ddeseg.cli import options
 from ddeseg.cli.registry import command
+from ddeseg.config import RESUME_MAY_CHANGE
+
+RESUME_HELP = (
+    "Continue a run: a checkpoint path, or 'latest' for OUT/last.pt. The config must be the run's; only these may "
+    "change: " + ", ".join(f"{key}*" if key.endswith(".") else key for key in RESUME_MAY_CHANGE)
+    + " (the run's micro-batch and accumulation are kept)."
+)
 
 
 @command("train", no_args_is_help=True)
@@ -17,8 +24,8 @@ def train_command(
     memory_bank: Path | None = typer.Option(None, "--memory-bank", exists=True, dir_okay=False, help="bank.npy from `ddeseg build-memory-bank`; default: the config's inputs.memory_bank."),
     out: Path | None = typer.Option(None, "--out", help="Run directory: config.yaml (with the inputs, absolute), run.json, train.log, metrics.jsonl, last.pt, best.pt. Required unless --print-config."),
     task: str | None = options.task_option("Task to train on (v1s, v1m, v2, VPO-SS, VPO-MS, VPO-MSMI); default: the config's."),
-    steps: int | None = typer.Option(None, "--steps", min=1, help="Optimizer steps (overrides train.steps)."),
-    resume: str | None = typer.Option(None, "--resume", help="Continue a run: a checkpoint path, or 'latest' for OUT/last.pt. The config must be the run's (only train.steps/epochs_equivalent/warmup_epochs, the log/eval/checkpoint cadence, tensorboard/wandb, data.num_workers/eval_batch_size, train.activation_checkpointing/gpu_memory/memory_plan, eval.*, pretrain_audio.* and the other stages' sections (prepare.*, memory_bank.*, predict.*) may change; the run's micro-batch and accumulation are kept)."),
+    steps: int | None = typer.Option(None, "--steps", help="Optimizer steps (overrides train.steps)."),
+    resume: str | None = typer.Option(None, "--resume", help=RESUME_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in OUT (last.pt, best.pt, metrics.jsonl, data_errors/); without it (or --resume) such a folder is refused."),
     stop_at: int | None = typer.Option(None, "--stop-at", min=1, help="Stop after this step and save last.pt, keeping the schedule of --steps (for time-limited jobs; continue with --resume latest)."),
     init: list[Path] = typer.Option([], "--init", exists=True, dir_okay=False, help="Weights to start from (repeatable): an audio checkpoint from `ddeseg pretrain-audio`, HTS-AT, MiT/SegFormer ImageNet or an official DDESeg checkpoint. Default: the config's inputs.init (a missing one is left out, with a warning)."),
@@ -54,7 +61,7 @@ def train_command(
     from ddeseg.training.run_info import apply_input_options, train_inputs
 
     aliases = {"task": task, "train.steps": steps, "train.gpu_memory": gpu_memory, "train.memory_plan": memory_plan}
-    overrides = options.stage_overrides(override, aliases) + (["train.epochs_equivalent=null"] if steps else [])
+    overrides = options.stage_overrides(override, aliases) + ([("train.epochs_equivalent", None)] if steps else [])
     cfg = load_config(config, overrides)
     warnings = apply_input_options(cfg, shards, memory_bank, init)
     if print_config:

@@ -9,8 +9,10 @@ overrides) and dotted overrides such as `train.steps=100`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -374,6 +376,46 @@ STAGE_KEY_RANGES: dict[str, tuple[float, bool]] = {
     "predict.frames_per_second": (0, True),
     "predict.batch_size": (1, False),
 }
+# Config keys a resumed run may change: the schedule's length (extending a run), how often it
+# logs, validates and saves, and settings that do not reach the weights. Everything else (model,
+# task, data, loss, optimizer, seed) must match the run: the weights and the optimizer state are
+# its, and a changed base_lr would be silently ignored by the restored scheduler. Changing
+# data.num_workers changes the sample order, so the resumed run is no longer bit-identical to
+# an uninterrupted one. Activation checkpointing computes the same gradients (memory for time:
+# e.g. resuming on a smaller GPU); gpu_memory is not planned again on resume (the run's micro-
+# batch is kept); memory_plan only prints. Not here: precision, cpu_autocast, sync_batchnorm and
+# compile (other numerics or other random draws).
+# A trailing "." is a whole section. Checked by the train stage (`check_resume_config`); `train
+# --resume --help` lists them from here.
+RESUME_MAY_CHANGE = (
+    "train.steps",
+    "train.epochs_equivalent",
+    "train.warmup_epochs",
+    "train.log_every",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.tensorboard",
+    "train.wandb",
+    "train.wandb_project",
+    "train.on_nonfinite",  # e.g. resume a diverged run with skip
+    "train.max_nonfinite_in_a_row",
+    "train.collective_timeout_s",
+    "train.activation_checkpointing",
+    "train.gpu_memory",
+    "train.memory_plan",
+    "data.num_workers",
+    "data.eval_batch_size",
+    "eval.",
+    "pretrain_audio.",
+    # Settings of other stages: they never reach the weights or the data order of a training run.
+    "prepare.",
+    "memory_bank.",
+    "predict.",
+    # Where the inputs are (a moved dataset may still resume) and their fingerprints.
+    "inputs.",
+)
+
+
 STAGE_KEY_CHOICES: dict[str, tuple[str, ...]] = {
     "prepare.on_error": ("skip", "fail"),
     "prepare.avsbench_part": ("auto", "semantic", "object"),
@@ -508,32 +550,47 @@ def _read_yaml_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, 
     return _deep_merge(base, data)
 
 
-def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
-    """`["train.steps=10", "data.batch_size=4"]` -> nested dict with YAML-parsed values."""
+# An override: `section.key=value` as typed after `--set` (its value is YAML), or a pair
+# `(section.key, value)` from a typed command-line option (`--k 64`), taken as it is rather than
+# written out as text and parsed back. Either way the config's tables check the value, once.
+Override = str | tuple[str, Any]
+
+
+def override_text(item: Override) -> str:
+    """An override as a user would type it after `--set` (for messages and records)."""
+    return item if isinstance(item, str) else f"{item[0]}={json.dumps(item[1])}"
+
+
+def parse_overrides(overrides: Sequence[Override] | None) -> dict[str, Any]:
+    """`["train.steps=10", ("data.batch_size", 4)]` -> nested dict (strings' values YAML-parsed)."""
     nested: dict[str, Any] = {}
     for item in overrides or []:
-        if "=" not in item:
+        if isinstance(item, tuple):
+            dotted, value = item
+        elif "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value: write --set {item.strip()}=VALUE (one argument, no space around '=')")
-        dotted, raw = item.split("=", 1)
+        else:
+            dotted, raw = item.split("=", 1)
+            value = yaml.safe_load(raw)
         node = nested
         parts = dotted.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = value
     return nested
 
 
-def check_overrides(overrides: list[str] | tuple[str, ...]) -> None:
+def check_overrides(overrides: Sequence[Override]) -> None:
     """`ConfigError` (one line, naming the overrides) for an unknown key or a value of the wrong
     type in `section.key=value` overrides: for the stages whose config is read later, from a
     checkpoint, so that a typo fails before any work."""
     try:
         from_dict(Config, parse_overrides(list(overrides)))
     except ConfigError as error:
-        raise ConfigError(f"--set {' '.join(overrides)}: {error}") from None
+        raise ConfigError(f"--set {' '.join(map(override_text, overrides))}: {error}") from None
 
 
-def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> Config:
+def config_from_dict(data: dict[str, Any], overrides: Sequence[Override] | None = None) -> Config:
     config = from_dict(Config, _deep_merge(data, parse_overrides(overrides)))
     check_training_keys(config)
     check_stage_keys(config)
@@ -562,14 +619,15 @@ def resolve_config_path(path: str | Path) -> Path:
     raise ConfigError(f"config file not found: {path} (bundled configs: v1s, v1m, v2, VPO-SS, VPO-MS, VPO-MSMI, tiny, demo)")
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+def load_config(path: str | Path | None, overrides: Sequence[Override] | None = None) -> Config:
     """Load a YAML config (with `base:` inheritance) and dotted overrides into a `Config`.
     `path` may also name a bundled config (`v2`, `demo`, ...)."""
     data = {} if path is None else _read_yaml_with_bases(resolve_config_path(path))
     try:
         return config_from_dict(data, overrides)
     except ConfigError as error:
-        where = path if path is not None else "--set " + " ".join(overrides or [])  # no file: the overrides
+        # No file: the error is in the options or `--set` items (written as `key=value`).
+        where = path if path is not None else "the command line (" + " ".join(map(override_text, overrides or [])) + ")"
         raise ConfigError(f"{where}: {error}") from None
 
 

@@ -51,7 +51,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ddeseg.bank import read_memory_bank
-from ddeseg.config import Config, save_config, to_dict
+from ddeseg.config import RESUME_MAY_CHANGE, Config, save_config, to_dict
 from ddeseg.data.shards import ShardIndex
 from ddeseg.data.stream import count_data_errors, make_eval_loader, make_train_loader
 from ddeseg.distributed import DistributedContext, all_reduce_mean, all_reduce_sum, barrier
@@ -87,43 +87,6 @@ from ddeseg.units import parse_bytes
 # what --overwrite clears besides (the old run's skipped-sample reports would be counted again).
 RUN_OUTPUTS = ("last.pt", "best.pt", "metrics.jsonl")
 REPLACED_BY_OVERWRITE = (*RUN_OUTPUTS, "data_errors")
-
-# Config keys a resumed run may change: the schedule's length (extending a run), how often it
-# logs, validates and saves, and settings that do not reach the weights. Everything else (model,
-# task, data, loss, optimizer, seed) must match the run: the weights and the optimizer state are
-# its, and a changed base_lr would be silently ignored by the restored scheduler. Changing
-# data.num_workers changes the sample order, so the resumed run is no longer bit-identical to
-# an uninterrupted one. Activation checkpointing computes the same gradients (memory for time:
-# e.g. resuming on a smaller GPU); gpu_memory is not planned again on resume (the run's micro-
-# batch is kept); memory_plan only prints. Not here: precision, cpu_autocast, sync_batchnorm and
-# compile (other numerics or other random draws).
-RESUME_MAY_CHANGE = (
-    "train.steps",
-    "train.epochs_equivalent",
-    "train.warmup_epochs",
-    "train.log_every",
-    "train.eval_every",
-    "train.checkpoint_every",
-    "train.tensorboard",
-    "train.wandb",
-    "train.wandb_project",
-    "train.on_nonfinite",  # e.g. resume a diverged run with skip
-    "train.max_nonfinite_in_a_row",
-    "train.collective_timeout_s",
-    "train.activation_checkpointing",
-    "train.gpu_memory",
-    "train.memory_plan",
-    "data.num_workers",
-    "data.eval_batch_size",
-    "eval.",
-    "pretrain_audio.",
-    # Settings of other stages: they never reach the weights or the data order of a training run.
-    "prepare.",
-    "memory_bank.",
-    "predict.",
-    # Where the inputs are (a moved dataset may still resume) and their fingerprints.
-    "inputs.",
-)
 
 
 @dataclass
