@@ -137,7 +137,7 @@ def run_size(size: Size, niter: int, seed: int, repeats: int) -> dict:
     def faiss_own_init():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return cluster_class_embeddings(by_class, size.k, niter=niter, seed=seed, device="cpu")
+            return cluster_class_embeddings(by_class, size.k, niter=niter, seed=seed)
 
     faiss_s, faiss_out = timed(faiss_same_init, repeats)
     sklearn_s, sklearn_out = timed(lambda: sklearn_run("same"), repeats)

@@ -96,7 +96,7 @@ def bench_logmel(clips: int) -> dict[str, float]:
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
-        batcher = LogMelBatcher(cfg, device=device, batch_size=64)
+        batcher = LogMelBatcher(cfg, torch.device(device), batch_size=64)
         batcher(audio[:64])  # warm-up (kernels, allocator)
         if device == "cuda":
             torch.cuda.synchronize()

@@ -24,6 +24,8 @@ import numpy as np
 import soxr
 
 if TYPE_CHECKING:
+    import torch
+
     from ddeseg.config import FrontendConfig
     from ddeseg.models.frontend import LogMelFrontend
 
@@ -115,20 +117,19 @@ class LogMelBatcher:
     """`batcher(audio float32 [N, samples]) -> float16 [N, frames, mel_bins]`, `batch_size` at a time.
 
     `frontend`: a front end config (its filterbank is built) or a ready `LogMelFrontend` (e.g.
-    from `prepare_frontend`), which is moved to `device` (`ddeseg.distributed.resolve_device`:
-    None is the GPU when present, else the CPU).
+    from `prepare_frontend`), which is moved to `device`: the stage's, resolved once by it
+    (`ddeseg.distributed.resolve_device`).
     """
 
     def __init__(
         self,
         frontend: FrontendConfig | LogMelFrontend,
-        device: str | None = None,
+        device: torch.device,
         batch_size: int | None = None,
     ):
-        from ddeseg.distributed import resolve_device
         from ddeseg.models.frontend import LogMelFrontend
 
-        self.device = resolve_device(device)
+        self.device = device
         self.batch_size = batch_size or (256 if self.device.type == "cuda" else 64)
         module = frontend if isinstance(frontend, LogMelFrontend) else LogMelFrontend(frontend)
         self.module = module.to(self.device).eval()

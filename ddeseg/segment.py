@@ -203,7 +203,7 @@ def predict_frames(
     model.eval()
     device = next(model.parameters()).device
     # The model's own front end (e.g. a filterbank loaded from a checkpoint), run as prepare runs it.
-    logmel = LogMelBatcher(model.frontend(), device=str(device), batch_size=batch_size)
+    logmel = LogMelBatcher(model.frontend(), device, batch_size=batch_size)
     pending: list[SampledFrame] = []
     for frame in frames:
         pending.append(frame)

@@ -59,7 +59,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import time
 import warnings
 from collections import Counter
@@ -124,29 +123,23 @@ class ClassStats:
     seconds: float = 0.0
 
 
-def resolve_faiss_device(device: str | None) -> int | None:
-    """FAISS GPU index for `device`, or None for the CPU.
-
-    None / 'auto': GPU 0 when `faiss.get_num_gpus() > 0`, else the CPU. 'cpu': the CPU.
-    'cuda', 'cuda:N': that GPU, an error when FAISS cannot see it (the same spellings as
-    `ddeseg.distributed.resolve_device`, which `build_memory_bank` checks the value with first)."""
+def resolve_faiss_device(device: torch.device, explicit: bool = True) -> int | None:
+    """The FAISS GPU index of the stage's torch device (`ddeseg.distributed.resolve_device`), or
+    None for the CPU. A CUDA device FAISS cannot see is an error when the user named it
+    (`explicit`); for `--device auto` it clusters on the CPU, with a warning."""
+    if device.type != "cuda":
+        return None
     import faiss
 
     gpus = faiss.get_num_gpus()
-    if device in (None, "auto"):
-        return 0 if gpus > 0 else None
-    if device == "cpu":
-        return None
-    match = re.fullmatch(r"cuda(?::(\d+))?", device)
-    if match is None:
-        raise DDESegError(f"device {device!r}: expected cpu, cuda or cuda:N")
-    index = int(match.group(1) or 0)
-    if index >= gpus:
-        raise DDESegError(
-            f"device {device!r}: FAISS sees {gpus} GPU(s) (faiss.get_num_gpus()); use --device cpu, "
-            "or a faiss-gpu build that matches this machine's CUDA driver"
-        )
-    return index
+    index = device.index or 0
+    if index < gpus:
+        return index
+    reason = f"FAISS sees {gpus} GPU(s) (faiss.get_num_gpus()), not {device}"
+    if explicit:
+        raise DDESegError(f"--device {device}: {reason}; use --device cpu, or a faiss-gpu build that matches this machine's CUDA driver")
+    warnings.warn(f"{reason}: clustering on the CPU", MemoryBankWarning, stacklevel=2)
+    return None
 
 
 def kmeans_faiss(
@@ -218,7 +211,7 @@ def cluster_class_embeddings(
     niter: int = 25,
     seed: int = 0,
     spherical: bool = False,
-    device: str | None = None,
+    gpu: int | None = None,
     *,
     nredo: int = 1,
     class_ids: Sequence[int] | None = None,
@@ -235,7 +228,7 @@ def cluster_class_embeddings(
             the rows only matters for the fill of classes with fewer than k points).
         k: centroids per class. niter, nredo, seed: FAISS K-Means iterations, restarts (the best
             is kept) and random seed. spherical: cosine K-Means (see the module docstring).
-        device: FAISS device (`resolve_faiss_device`).
+        gpu: FAISS GPU index (`resolve_faiss_device`); None clusters on the CPU.
         class_ids: the bank rows, in order; default: the sorted keys of `embeddings_by_class`.
             A listed class without points is missing. class_names: for messages and stats.
         allow_missing: fill a missing class instead of raising. optional_classes: classes that
@@ -273,7 +266,6 @@ def cluster_class_embeddings(
     if spherical:
         global_mean = _normalise(global_mean)
 
-    gpu = resolve_faiss_device(device)
     bank = np.zeros((len(rows), k, dim), dtype=np.float32)
     stats: list[ClassStats] = []
     with stage_progress(unit="classes", enabled=progress) as bar:
@@ -706,113 +698,142 @@ def _build_memory_bank(
     Args:
         config: `config.memory_bank` holds the settings (k, niter, nredo, seed, spherical: the
             K-Means; include_multi_source, silence_row, allow_missing_classes, missing_fill: see
-            the module docstring; batch_size: clips per embedding batch); `config.model` builds
-            the embedder; `config.task` is the task whose training shards are read.
+            the module docstring; batch_size: clips per embedding batch; their ranges are the
+            config's to check); `config.model` builds the embedder; `config.task` is the task
+            whose training shards are read.
         paths: the shards, BANK_DIR, the audio checkpoint; with `reuse_embeddings` the cache
             `out/embeddings.parquet` is read instead of embedding: it must come from the same task
             and the same shard files (names and sizes), and from the same model when
             `audio_checkpoint` or `embed_fingerprint` is given.
-        run: `device` is the torch device for embedding and the FAISS device for clustering (None:
-            the GPU when present); `progress` the bars.
+        run: `device` (resolved once here) is the torch device for embedding, and FAISS clusters
+            on the same GPU (`resolve_faiss_device`); `progress` the bars.
         embed_fn, embed_fingerprint: a replacement embedder `[B, frames, mel] -> [B, dim]` and
             its fingerprint (tests, other backbones); default: the frozen model's `embed_audio`.
     """
     started = time.perf_counter()
-    shards_dir, out_dir, audio_checkpoint = Path(paths.shards), Path(paths.out), paths.audio_checkpoint
-    settings, task, reuse_embeddings, device = config.memory_bank, config.task, paths.reuse_embeddings, run.device
-    k, niter, nredo, seed = settings.k, settings.niter, settings.nredo, settings.seed
-    batch_size, missing_fill = settings.batch_size, settings.missing_fill
-    if k < 1 or niter < 1 or nredo < 1 or batch_size < 1:
-        raise DDESegError(
-            f"k, niter, nredo and batch size must be >= 1 (got {k}, {niter}, {nredo}, {batch_size})"
-        )
-    if missing_fill not in MISSING_FILLS:
-        raise DDESegError(f"missing fill {missing_fill!r}: expected one of {MISSING_FILLS}")
+    out_dir, settings, task = Path(paths.out), config.memory_bank, config.task
     if out_dir.exists() and not out_dir.is_dir():  # before the embedding pass, not after it
         raise DDESegError(f"--out {out_dir} exists and is not a directory; give a folder path")
-    index = ShardIndex(shards_dir, need_manifest=False)  # bare shard folders are fine here
-    names = index.class_names()
-    bank_ids = index.bank_class_ids(task)
-    reads = index.reads(task)
-    shard_paths = index.shards(task, TRAIN_SPLIT, by_folder=True)
-    shard_list = [[str(Path(p).relative_to(shards_dir)), Path(p).stat().st_size] for p in shard_paths]
-    cache_path = out_dir / CACHE_FILE
-    torch_device = resolve_device(device)
-    faiss_gpu = resolve_faiss_device(device)  # fail early, before embedding, on a bad device
+    index = ShardIndex(Path(paths.shards), need_manifest=False)  # bare shard folders are fine here
+    device = resolve_device(run.device)
+    faiss_gpu = resolve_faiss_device(device, explicit=run.device not in (None, "auto"))  # before embedding
 
     embed_started = time.perf_counter()
-    if reuse_embeddings:
-        table, cached = read_embeddings_cache(cache_path)
-        if cached.get("task") != task or cached.get("shards") != shard_list:
-            raise DDESegError(
-                f"{cache_path} was made from task {cached.get('task')!r} and {len(cached.get('shards') or [])} "
-                f"shard(s) that differ from task {task!r} in {shards_dir} now; run without --reuse-embeddings"
-            )
-        expected = embed_fingerprint
-        if expected is None and embed_fn is None and audio_checkpoint is not None:
-            expected = load_audio_embedder(config, audio_checkpoint, torch_device, shards_dir).fingerprint
-        if expected is not None and expected != cached.get("fingerprint"):
-            raise DDESegError(
-                f"{cache_path} was embedded by model {cached.get('fingerprint')!r}, not the requested "
-                f"{expected!r}; run without --reuse-embeddings"
-            )
-        embedding_info = {
-            key: cached.get(key) for key in ("fingerprint", "fingerprint_of", "audio_checkpoint")
-        }
-    else:
-        if embed_fn is not None:
-            embedder = AudioEmbedder(embed_fn, embed_fingerprint or "unknown (embed_fn given)", "embed_fn")
-        else:
-            embedder = load_audio_embedder(config, audio_checkpoint, torch_device, shards_dir)
-        table = embed_shards(
-            shard_paths,
-            embedder.embed_fn,
-            batch_size=batch_size,
-            device=torch_device,
-            progress=run.progress,
-            total=index.count(task, TRAIN_SPLIT) if index.has_manifest else None,  # for the ETA only
-        )
-        embedding_info = {
-            "fingerprint": embedder.fingerprint,
-            "fingerprint_of": embedder.fingerprint_of,
-            "audio_checkpoint": embedder.checkpoint,
-        }
-        write_embeddings_cache(
-            cache_path,
-            table,
-            {"task": task, "reads": reads, "split": TRAIN_SPLIT, "shards": shard_list, **embedding_info},
-        )
-    embed_seconds = time.perf_counter() - embed_started
+    table, embedding = _embedding_table(config, paths, run, index, device, embed_fn, embed_fingerprint)
+    seconds = {"embed": round(time.perf_counter() - embed_started, 3)}
 
+    names, bank_ids = index.class_names(), index.bank_class_ids(task)
     background = int(index.classes.get("background", 0))
     assignment = assign_to_classes(table, bank_ids, settings.include_multi_source, settings.silence_row, background)
     cluster_started = time.perf_counter()
     bank, stats = cluster_class_embeddings(
         assignment.by_class,
-        k,
-        niter=niter,
-        seed=seed,
+        settings.k,
+        niter=settings.niter,
+        seed=settings.seed,
         spherical=settings.spherical,
-        device=device,
-        nredo=nredo,
+        gpu=faiss_gpu,
+        nredo=settings.nredo,
         class_ids=bank_ids,
         class_names={i: names[i] if i < len(names) else str(i) for i in bank_ids},
         allow_missing=settings.allow_missing_classes,
         optional_classes=() if settings.silence_row else (background,),
-        missing_fill=missing_fill,
+        missing_fill=settings.missing_fill,
         progress=run.progress,
     )
-    cluster_seconds = time.perf_counter() - cluster_started
+    seconds["cluster"] = round(time.perf_counter() - cluster_started, 3)
+    seconds["total"] = round(time.perf_counter() - started, 3)
+    report = _bank_report(config, index, bank, stats, assignment, table, embedding, faiss_gpu, seconds)
+    bank_path, json_path = out_dir / BANK_FILE, out_dir / BANK_JSON
+    write_stage_config(config, out_dir)
+    write_atomic(bank_path, encode_array(bank))
+    write_atomic(json_path, (json.dumps(report, indent=1) + "\n").encode())
+    return MemoryBankResult(
+        out_dir, bank_path, json_path, out_dir / CACHE_FILE, tuple(bank.shape), stats, report["samples"],
+        paths.reuse_embeddings, report,
+    )
 
+
+def _shard_list(index: ShardIndex, task: str) -> tuple[list[Path], list[list[Any]]]:
+    """The task's training shards, and their names (relative to the folder) and sizes: what an
+    embeddings cache must have been made from."""
+    shard_paths = index.shards(task, TRAIN_SPLIT, by_folder=True)
+    return shard_paths, [[str(Path(p).relative_to(index.root)), Path(p).stat().st_size] for p in shard_paths]
+
+
+def _embedding_table(
+    config: Config,
+    paths: MemoryBankPaths,
+    run: RunOptions,
+    index: ShardIndex,
+    device: torch.device,
+    embed_fn: EmbedFn | None,
+    embed_fingerprint: str | None,
+) -> tuple[EmbeddingTable, dict[str, Any]]:
+    """The embeddings of the task's training clips, embedded on `device` (and cached in
+    BANK_DIR) or, with `paths.reuse_embeddings`, read from the cache after checking that it
+    comes from the same task, shards and model; and the embedding's entry of bank.json."""
+    task, audio_checkpoint, cache_path = config.task, paths.audio_checkpoint, Path(paths.out) / CACHE_FILE
+    shard_paths, shard_list = _shard_list(index, task)
+    if paths.reuse_embeddings:
+        table, cached = read_embeddings_cache(cache_path)
+        if cached.get("task") != task or cached.get("shards") != shard_list:
+            raise DDESegError(
+                f"{cache_path} was made from task {cached.get('task')!r} and {len(cached.get('shards') or [])} "
+                f"shard(s) that differ from task {task!r} in {index.root} now; run without --reuse-embeddings"
+            )
+        expected = embed_fingerprint
+        if expected is None and embed_fn is None and audio_checkpoint is not None:
+            expected = load_audio_embedder(config, audio_checkpoint, device, index.root).fingerprint
+        if expected is not None and expected != cached.get("fingerprint"):
+            raise DDESegError(
+                f"{cache_path} was embedded by model {cached.get('fingerprint')!r}, not the requested "
+                f"{expected!r}; run without --reuse-embeddings"
+            )
+        info = {key: cached.get(key) for key in ("fingerprint", "fingerprint_of", "audio_checkpoint")}
+        return table, {**info, "shards": shard_list, "reused": True, "device": None}
+    if embed_fn is not None:
+        embedder = AudioEmbedder(embed_fn, embed_fingerprint or "unknown (embed_fn given)", "embed_fn")
+    else:
+        embedder = load_audio_embedder(config, audio_checkpoint, device, index.root)
+    table = embed_shards(
+        shard_paths,
+        embedder.embed_fn,
+        batch_size=config.memory_bank.batch_size,
+        device=device,
+        progress=run.progress,
+        total=index.count(task, TRAIN_SPLIT) if index.has_manifest else None,  # for the ETA only
+    )
+    info = {"fingerprint": embedder.fingerprint, "fingerprint_of": embedder.fingerprint_of, "audio_checkpoint": embedder.checkpoint}
+    write_embeddings_cache(
+        cache_path, table, {"task": task, "reads": index.reads(task), "split": TRAIN_SPLIT, "shards": shard_list, **info}
+    )
+    return table, {**info, "shards": shard_list, "reused": False, "device": str(device)}
+
+
+def _bank_report(
+    config: Config,
+    index: ShardIndex,
+    bank: np.ndarray,
+    stats: list[ClassStats],
+    assignment: Assignment,
+    table: EmbeddingTable,
+    embedding: dict[str, Any],
+    faiss_gpu: int | None,
+    seconds: dict[str, float],
+) -> dict[str, Any]:
+    """bank.json: the bank's shape and rows, the settings that decide it, what was embedded and
+    clustered where, the shards it came from, and the time taken."""
     import faiss
 
-    report = {
+    settings, names = config.memory_bank, index.class_names()
+    return {
         "format": BANK_FORMAT,
         "bank_file": BANK_FILE,
         "shape": list(bank.shape),
         "dtype": "float32",
-        "task": task,
-        "reads": reads,
+        "task": config.task,
+        "reads": index.reads(config.task),
         "split": TRAIN_SPLIT,
         "classes": [
             {**asdict(entry), "present_in": assignment.present.get(entry.class_id, 0)} for entry in stats
@@ -824,39 +845,20 @@ def _build_memory_bank(
             names[c] if c < len(names) else str(c): n for c, n in sorted(assignment.outside_bank.items())
         },
         "embedding": {
-            **embedding_info,
+            **{key: embedding[key] for key in ("fingerprint", "fingerprint_of", "audio_checkpoint")},
             "dim": int(bank.shape[2]),
             "cache": CACHE_FILE,
-            "reused": reuse_embeddings,
-            "device": None if reuse_embeddings else str(torch_device),
+            "reused": embedding["reused"],
+            "device": embedding["device"],
         },
         "faiss": {
             "version": faiss.__version__,
             "device": "cpu" if faiss_gpu is None else f"cuda:{faiss_gpu}",
         },
-        "shards": shard_list,
+        "shards": embedding["shards"],
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "seconds": {
-            "embed": round(embed_seconds, 3),
-            "cluster": round(cluster_seconds, 3),
-            "total": round(time.perf_counter() - started, 3),
-        },
+        "seconds": seconds,
     }
-    bank_path, json_path = out_dir / BANK_FILE, out_dir / BANK_JSON
-    write_stage_config(config, out_dir)
-    write_atomic(bank_path, encode_array(bank))
-    write_atomic(json_path, (json.dumps(report, indent=1) + "\n").encode())
-    return MemoryBankResult(
-        out_dir,
-        bank_path,
-        json_path,
-        cache_path,
-        tuple(bank.shape),
-        stats,
-        report["samples"],
-        reuse_embeddings,
-        report,
-    )
 
 
 def summary_table(result: MemoryBankResult):

@@ -58,14 +58,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ddeseg.classes import ALL_TASKS, SPLITS
-from ddeseg.config import CONFIG_FILE, STAGE_KEY_CHOICES, Config, to_dict
+from ddeseg.config import CONFIG_FILE, Config, to_dict
 from ddeseg.data import schema
 from ddeseg.data.boxes import sounding_boxes
 from ddeseg.data.schema import SampleMeta, encode_array, encode_mask, sample_key
@@ -89,7 +89,9 @@ from ddeseg.pipelines.sources.common import Source, open_source
 from ddeseg.runlock import writer_lock
 from ddeseg.stage import RunOptions, write_stage_config
 
-ON_ERROR = STAGE_KEY_CHOICES["prepare.on_error"]
+if TYPE_CHECKING:  # the main process imports torch only when it makes log-mels
+    import torch
+
 FORMAT_VERSION = 1  # bump when the bytes of a sample change for the same inputs
 VERSIONED_PACKAGES = ("ddeseg", "numpy", "torch", "soundfile", "soxr", "pillow", "webdataset", "pyarrow")
 
@@ -516,15 +518,7 @@ def prepare(config: Config, paths: PreparePaths, run: RunOptions = RunOptions())
     when `config.prepare.on_error == "fail"`; `CheckpointError` for an `audio_checkpoint` without
     a usable filterbank (none, NaN, or not the config's shape)."""
     started = time.perf_counter()
-    settings = config.prepare
-    if settings.on_error not in ON_ERROR:
-        raise DataError(f"--on-error must be one of {ON_ERROR}, got {settings.on_error!r}")
-    if settings.workers < 1:
-        raise DataError(f"--workers must be >= 1, got {settings.workers}")
-    if config.data.samples_per_shard < 1:
-        raise DataError(
-            f"data.samples_per_shard must be >= 1, got {config.data.samples_per_shard} (set it in --config or --set)"
-        )
+    settings = config.prepare  # its ranges and choices are checked once, by the config
     out = Path(paths.out)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} exists and is not a directory; give a folder path")
@@ -535,7 +529,7 @@ def prepare(config: Config, paths: PreparePaths, run: RunOptions = RunOptions())
     from ddeseg.audio import prepare_frontend  # builds torch modules: main process only
     from ddeseg.distributed import resolve_device
 
-    resolve_device(run.device)  # a bad --device fails here, not after the scan
+    device = resolve_device(run.device)  # once, for the stage; a bad --device fails here, not after the scan
 
     frontend, frontend_entry = prepare_frontend(config.model.frontend, paths.audio_checkpoint)
     created = not out.exists()
@@ -543,7 +537,7 @@ def prepare(config: Config, paths: PreparePaths, run: RunOptions = RunOptions())
         # One writer per shards folder; a full disk is one line (the finished shards stay and a
         # re-run keeps them).
         with writer_lock(out, "ddeseg prepare"), reporting_disk_full(out, "shards"):
-            return _run(config, paths, run, source, out, frontend, frontend_entry, started)
+            return _run(config, paths, run, source, out, (frontend, frontend_entry, device), started)
     except DDESegError:
         if created:
             _remove_if_empty(out)  # bad input: no empty output folder is left behind
@@ -556,14 +550,11 @@ def _run(
     run: RunOptions,
     source: Source,
     out: Path,
-    frontend: Any,
-    frontend_entry: dict[str, Any],
+    logmels: tuple[Any, dict[str, Any], torch.device],
     started: float,
 ) -> PrepareResult:
-    """The stage after its argument checks: scan, check the folder, write (see `prepare`)."""
-    from ddeseg.audio import LogMelBatcher  # torch: main process only
-
-    logmel: Callable[[np.ndarray], np.ndarray] | None = None
+    """The stage after its argument checks: scan, check the folder, write (see `prepare`).
+    `logmels`: the front end, its prepare.json entry and the device that runs it."""
     tasks = list(source.tasks)
     on_error = config.prepare.on_error
     with _Stage(run.progress) as stage:
@@ -573,47 +564,15 @@ def _run(
         earlier = None if run.overwrite else _read_earlier_run(out, tasks)
         class_names = list(source.classes.names)
         if earlier is not None and earlier.rows:
-            settings = _front_end_settings({"config": to_dict(config), "frontend": frontend_entry})
+            settings = _front_end_settings({"config": to_dict(config), "frontend": logmels[1]})
             class_names = _check_earlier_run(out, earlier, class_names, settings)
         jobs = plan_shards(refs, config.data.samples_per_shard)
         out.mkdir(parents=True, exist_ok=True)
         if run.overwrite:
             _clear_outputs(out)
         remove_stale(out, jobs, tuple(tasks), SPLITS)  # this run's tasks only: the others are kept
-        settings = _shard_settings(config, paths, source, frontend_entry)
-        fingerprints = {job.name: fingerprint(job, source.root, settings) for job in jobs}
-        states: dict[str, dict[str, Any]] = {}
-        todo = []
-        for job in jobs:
-            state = is_finished(out, job, fingerprints[job.name])
-            if state is None:
-                todo.append(job)
-            else:
-                states[job.name] = state
-        kept = len(states)
-        advance = stage.bar(f"shards ({kept} kept)" if kept else "shards", len(refs))
-        advance(sum(len(job.refs) for job in jobs if job.name in states))
-        for job, samples, shard_rejects in _run_jobs(todo, source, config.prepare.workers, advance):
-            for reject in shard_rejects:
-                _fail_or_record(reject, on_error, source.root)
-            if logmel is None and samples:
-                logmel = LogMelBatcher(frontend, run.device)
-            states[job.name] = _write_shard(out, job, samples, shard_rejects, logmel, fingerprints[job.name])  # type: ignore[arg-type]
-
-        rows: list[dict[str, Any]] = []
-        for job in jobs:
-            state = states[job.name]
-            rows.extend(state["rows"])
-            for recorded in state["rejects"]:  # kept shards' rejects count (and fail) as new ones
-                reject = Reject(recorded["path"], recorded["reason"], recorded.get("key"))
-                rejects.append(_fail_or_record(reject, on_error, source.root))
-        kept_tasks: dict[str, int] = {}
-        if earlier is not None and earlier.rows:
-            kept_tasks = dict(Counter(row["task"] for row in earlier.rows))
-            # the order of one run over all the tasks: by task and split, shard order within
-            rows = sorted(rows + earlier.rows, key=lambda row: (row["task"], row["split"]))
-            rejects = rejects + earlier.rejects
-            tasks = [task for task in ALL_TASKS if task in set(tasks) | set(kept_tasks)]
+        written = _write_shards(config, paths, source, out, jobs, logmels, stage.bar, len(refs))
+        rows, rejects, tasks, kept_tasks = _all_rows(jobs, written.states, rejects, earlier, tasks, on_error, source.root)
         _write_manifest(out, rows)
         stage.finish("manifest", len(rows))
 
@@ -623,6 +582,103 @@ def _run(
     write_atomic(out / schema.REJECTS_FILE, "".join(reject.to_json() + "\n" for reject in rejects).encode())
     if config.prepare.export_bbox_json:
         export_bbox_json(rows, out / "bbox")
+    return _report(config, paths, source, out, jobs, written, rows, rejects, tasks, kept_tasks, logmels[1], started)
+
+
+@dataclass
+class _Written:
+    """What `_write_shards` did: each job's state (its rows, rejects and tar), how many shards an
+    earlier run had already written, and the device that made the log-mels (None: none made)."""
+
+    states: dict[str, dict[str, Any]]
+    kept: int
+    logmel_device: str | None
+
+
+def _write_shards(
+    config: Config,
+    paths: PreparePaths,
+    source: Source,
+    out: Path,
+    jobs: list[ShardJob],
+    logmels: tuple[Any, dict[str, Any], torch.device],
+    bar: Callable[[str, int | None], Callable[[int], None]],
+    total: int,
+) -> _Written:
+    """Every job's shard: kept when an earlier run wrote it from the same files and settings (its
+    state file says so), else written by the workers. The front end moves to its device only
+    when a shard is written."""
+    from ddeseg.audio import LogMelBatcher  # torch: main process only
+
+    frontend, frontend_entry, device = logmels
+    settings = _shard_settings(config, paths, source, frontend_entry)
+    fingerprints = {job.name: fingerprint(job, source.root, settings) for job in jobs}
+    states: dict[str, dict[str, Any]] = {}
+    todo = []
+    for job in jobs:
+        state = is_finished(out, job, fingerprints[job.name])
+        if state is None:
+            todo.append(job)
+        else:
+            states[job.name] = state
+    kept = len(states)
+    advance = bar(f"shards ({kept} kept)" if kept else "shards", total)
+    advance(sum(len(job.refs) for job in jobs if job.name in states))
+    logmel: LogMelBatcher | None = None
+    for job, samples, shard_rejects in _run_jobs(todo, source, config.prepare.workers, advance):
+        for reject in shard_rejects:
+            _fail_or_record(reject, config.prepare.on_error, source.root)
+        if logmel is None and samples:
+            logmel = LogMelBatcher(frontend, device)
+        states[job.name] = _write_shard(out, job, samples, shard_rejects, logmel, fingerprints[job.name])  # type: ignore[arg-type]
+    return _Written(states, kept, str(logmel.device) if logmel is not None else None)
+
+
+def _all_rows(
+    jobs: list[ShardJob],
+    states: dict[str, dict[str, Any]],
+    rejects: list[Reject],
+    earlier: Any,
+    tasks: list[str],
+    on_error: str,
+    root: Path,
+) -> tuple[list[dict[str, Any]], list[Reject], list[str], dict[str, int]]:
+    """The manifest's rows and every reject: this run's shards (a kept shard's rejects count, and
+    fail, as new ones), then an earlier run's other tasks; the tasks the folder holds now, and the
+    kept tasks' row counts."""
+    rows: list[dict[str, Any]] = []
+    for job in jobs:
+        state = states[job.name]
+        rows.extend(state["rows"])
+        for recorded in state["rejects"]:
+            reject = Reject(recorded["path"], recorded["reason"], recorded.get("key"))
+            rejects.append(_fail_or_record(reject, on_error, root))
+    kept_tasks: dict[str, int] = {}
+    if earlier is not None and earlier.rows:
+        kept_tasks = dict(Counter(row["task"] for row in earlier.rows))
+        # the order of one run over all the tasks: by task and split, shard order within
+        rows = sorted(rows + earlier.rows, key=lambda row: (row["task"], row["split"]))
+        rejects = rejects + earlier.rejects
+        tasks = [task for task in ALL_TASKS if task in set(tasks) | set(kept_tasks)]
+    return rows, rejects, tasks, kept_tasks
+
+
+def _report(
+    config: Config,
+    paths: PreparePaths,
+    source: Source,
+    out: Path,
+    jobs: list[ShardJob],
+    written: _Written,
+    rows: list[dict[str, Any]],
+    rejects: list[Reject],
+    tasks: list[str],
+    kept_tasks: dict[str, int],
+    frontend_entry: dict[str, Any],
+    started: float,
+) -> PrepareResult:
+    """Write `config.yaml` and `prepare.json` (what was prepared, from where, with what); the
+    stage's result."""
     counts: dict[str, dict[str, int]] = {}
     for row in rows:
         counts.setdefault(row["task"], {}).setdefault(row["split"], 0)
@@ -634,8 +690,8 @@ def _run(
         counts=counts,
         unannotated=sum(not row["annotated"] for row in rows),
         rejects=rejects,
-        shards_written=len(jobs) - kept,
-        shards_kept=kept,
+        shards_written=len(jobs) - written.kept,
+        shards_kept=written.kept,
         elapsed_s=elapsed,
         kept_tasks=kept_tasks,
         uid_forms=described.get("uid_forms"),
@@ -655,13 +711,14 @@ def _run(
         "rejects": len(rejects),
         "rejects_by_reason": dict(Counter(_reason_kind(reject.reason) for reject in rejects).most_common()),
         "shards": {
-            "total": sum(1 for job in jobs if states[job.name]["tar"]) + len({row["shard"] for row in rows if row["task"] in kept_tasks}),
+            "total": sum(1 for job in jobs if written.states[job.name]["tar"])
+            + len({row["shard"] for row in rows if row["task"] in kept_tasks}),
             "written": result.shards_written,
-            "kept": kept,
+            "kept": written.kept,
         },
         "workers": config.prepare.workers,
-        "on_error": on_error,
-        "logmel_device": str(logmel.device) if logmel is not None else None,
+        "on_error": config.prepare.on_error,
+        "logmel_device": written.logmel_device,
         "versions": package_versions(),
         "elapsed_s": round(elapsed, 3),
         "samples_per_s": round(len(rows) / elapsed, 2) if elapsed > 0 else None,

@@ -78,7 +78,7 @@ def reference_labels(model: ddeseg.Segmenter, image: np.ndarray, wave: np.ndarra
     """Labels computed step by step from the evaluation's own functions."""
     frontend = model.config.model.frontend
     clip = fit_length(resample(wave, rate, frontend.sample_rate), int(round(model.config.data.clip_seconds * frontend.sample_rate)))
-    logmel = LogMelBatcher(model.model.frontend(), device="cpu")(clip[None])[0]
+    logmel = LogMelBatcher(model.model.frontend(), torch.device("cpu"))(clip[None])[0]
     pixels, mel = preprocess_for_model(image, logmel, model.config)
     with torch.inference_mode():
         logits = model.model(pixels[None], mel[None])

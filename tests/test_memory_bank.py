@@ -28,6 +28,7 @@ from ddeseg.pipelines.build_memory_bank import (
     build_memory_bank,
     cluster_class_embeddings,
     read_embeddings_cache,
+    resolve_faiss_device,
     state_dict_fingerprint,
     write_embeddings_cache,
 )
@@ -225,7 +226,10 @@ def test_explicit_gpu_without_faiss_gpus_is_a_clear_error():
     if faiss.get_num_gpus() > 0:
         pytest.skip("this machine has a FAISS GPU")
     with pytest.raises(DDESegError, match="FAISS sees 0 GPU"):
-        cluster_class_embeddings(gaussian_classes(1, 10, 4), k=2, device="cuda")
+        resolve_faiss_device(torch.device("cuda:0"))
+    with pytest.warns(MemoryBankWarning, match="clustering on the CPU"):
+        assert resolve_faiss_device(torch.device("cuda:0"), explicit=False) is None  # --device auto
+    assert resolve_faiss_device(torch.device("cpu")) is None
 
 
 # --------------------------------------------------------------------------------------------

@@ -256,8 +256,8 @@ def test_model_inputs_equal_the_evaluation_path(model, config, mp4):
     frame and on the log-mel `prepare` computes (`LogMelBatcher`, float16) from the same audio."""
     images, logmels = inputs_seen_by(model, lambda: list(predict_video(mp4, model, config, ["bg", "a", "b"], batch_size=4)))
     frames = list(sample_frames(mp4, config, frames_per_second=1))
-    assert torch.equal(model_inputs(frames, LogMelBatcher(model.frontend(), "cpu"), config)[0], images)
-    prepare_logmel = LogMelBatcher(config.model.frontend, "cpu")
+    assert torch.equal(model_inputs(frames, LogMelBatcher(model.frontend(), torch.device("cpu")), config)[0], images)
+    prepare_logmel = LogMelBatcher(config.model.frontend, torch.device("cpu"))
     for index, frame in enumerate(frames):
         image, logmel = preprocess_for_model(frame.image, prepare_logmel(frame.audio[None])[0], config)
         assert torch.equal(images[index], image)
@@ -421,6 +421,6 @@ def test_allow_no_audio_predicts_with_silence_and_says_so(tmp_path, checkpoint, 
         assert len(list(container.decode(video=0))) == 3
     # The model heard the log-mel of a zero waveform, as evaluation's silent control.
     frames = list(sample_frames(mute, config, allow_no_audio=True))
-    _, logmels = model_inputs(frames, LogMelBatcher(model.frontend(), "cpu"), config)
+    _, logmels = model_inputs(frames, LogMelBatcher(model.frontend(), torch.device("cpu")), config)
     silence = silent_logmel(model, config, logmels.shape[2], logmels.shape[3])
     assert all(torch.equal(logmel[0], silence) for logmel in logmels)
