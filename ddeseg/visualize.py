@@ -463,9 +463,16 @@ def audio_label(control: str) -> str:
     return AUDIO_LABELS.get(control, control)
 
 
-def _image_info(frame: FramePicture) -> list[tuple[tuple[int, int, int] | None, str]]:
-    where = [(None, f"video {frame.video}, frame {frame.frame}")] if frame.video is not None else []
-    return [(None, "image"), (None, frame.key), *where, (None, f"{frame.image.shape[1]} px model input")]
+def _image_info(frame: FramePicture, where: bool = True) -> list[tuple[tuple[int, int, int] | None, str]]:
+    """The lines under the image panel: which frame (its video and index, else its key; long
+    video ids wrap onto a second line) unless `where` is False (a title says it), and its size."""
+    if not where:
+        lines = []
+    elif frame.video is not None:
+        lines = [(None, f"video {frame.video}"), (None, f"frame {frame.frame}")]
+    else:
+        lines = [(None, frame.key)]
+    return [(None, "image"), *lines, (None, f"{frame.image.shape[1]} px model input")]
 
 
 def _truth_info(
@@ -571,7 +578,7 @@ def controls_picture(
     canvas.paste(_text_block(layout.width, TITLE_PX, [(None, title or first.key)]), (0, 0))
     image = upscale_image(first.image, size)
     columns: list[tuple[str, np.ndarray | None, list[tuple[tuple[int, int, int] | None, str]]]] = [
-        ("image", image, _image_info(first)),
+        ("image", image, _image_info(first, where=not title)),
         ("ground truth", outlined_overlay(image, upscale_mask(first.target, size), palette),
          class_shares(first.target, class_names, palette) or [(None, "background only")]),
     ]
