@@ -14,7 +14,7 @@ Layout of `--out DIR`:
     DIR/audio/        pretrain-audio run (audio.pt)
     DIR/bank/         bank.npy, bank.json
     DIR/run/          training run (config.yaml, metrics.jsonl, last.pt, best.pt)
-    DIR/eval/{none,shuffled,silent}/   evaluate outputs (eval.html, eval.json, pictures/ each)
+    DIR/eval/{normal,shuffled,silent}/   evaluate outputs (eval.html, eval.json, pictures/ each)
     DIR/eval.json, DIR/report.md, DIR/report.html, DIR/loss.png, DIR/pictures/ (normal audio)
     DIR/controls/     the chosen frames, each under the three audio conditions side by side
     DIR/config.yaml   the resolved config (every stage folder holds its own too)
@@ -214,7 +214,7 @@ def run_demo(
             collectors[control] = PictureCollector(samples=PICTURES, worst=PICTURES, seed=plan.seed, keep=keep)
             results[control] = run_evaluation(
                 ConfigSource(overrides=settings),  # the config stored in best.pt: the demo's
-                EvaluatePaths(checkpoint=out / "run" / "best.pt", shards=out / "shards", out=out / "eval" / control),
+                EvaluatePaths(checkpoint=out / "run" / "best.pt", shards=out / "shards", out=out / eval_dir(control)),
                 context,
                 progress=run.progress,
                 pictures=collectors[control],
@@ -245,6 +245,14 @@ def run_demo(
 # --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
+
+
+def eval_dir(control: str) -> str:
+    """The evaluation folder of an audio condition, named as the report names it: `eval/normal`
+    (`eval.audio_control: none`), `eval/shuffled`, `eval/silent`."""
+    from ddeseg.visualize import audio_label
+
+    return f"eval/{audio_label(control)}"
 
 
 def machine_description() -> dict[str, Any]:
@@ -319,9 +327,9 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
     plot_losses(out / "run" / "metrics.jsonl", out / "loss.png")
     pictures_dir = out / "pictures"
     shutil.rmtree(pictures_dir, ignore_errors=True)
-    source = out / "eval" / "none" / "pictures"
+    source = out / eval_dir("none") / "pictures"
     if source.is_dir():
-        shutil.copytree(source, pictures_dir)  # same relative paths as in eval/none/eval.json
+        shutil.copytree(source, pictures_dir)  # same relative paths as in eval/normal/eval.json
     demo = report["demo"]
     audio = demo["audio_classifier"]
     rows = _metric_rows(report)
@@ -378,10 +386,10 @@ DEMO_FILES = (
     ("eval.json", "the numbers of this page: the normal evaluation, the controls, timings, the demo plan"),
     ("report.md", "this page as Markdown"),
     ("config.yaml", "the resolved config of the demo (every stage folder holds its own)"),
-    ("eval/none/eval.html", "the evaluation with normal audio (its own eval.json, eval.md, config.yaml, pictures/)"),
+    ("eval/normal/eval.html", "the evaluation with normal audio (its own eval.json, eval.md, config.yaml, pictures/)"),
     ("eval/shuffled/eval.html", "the evaluation with shuffled audio"),
     ("eval/silent/eval.html", "the evaluation with silent audio"),
-    ("eval/none/eval.json", "normal: every number"),
+    ("eval/normal/eval.json", "normal: every number"),
     ("eval/shuffled/eval.json", "shuffled: every number"),
     ("eval/silent/eval.json", "silent: every number"),
     ("run/config.yaml", "the training run's config"),

@@ -52,7 +52,7 @@ def test_demo_runs_every_stage_and_reports(tmp_path, micro_config_overrides):
         with Image.open(out / entry["picture"]) as picture:
             layout = controls_layout(32)  # image | ground truth | 3 predictions, each upscaled to 192 px, audio below
             assert picture.size == (layout.width, layout.height) and layout.panel == 192
-    pictures = sorted((out / "eval" / "none" / "pictures").glob("sample-*.png"))
+    pictures = sorted((out / "eval" / "normal" / "pictures").glob("sample-*.png"))
     with Image.open(pictures[0]) as picture:
         assert picture.size == (frame_layout(32).width, frame_layout(32).height)
     assert on_disk["demo"]["machine"]["threads"] >= 1
@@ -61,8 +61,8 @@ def test_demo_runs_every_stage_and_reports(tmp_path, micro_config_overrides):
     # every output folder holds the resolved config that made it
     from ddeseg.config import load_config
 
-    configs = {name: load_config(out / name / "config.yaml") for name in ("", "shards", "audio", "bank", "run", "eval/none", "eval/shuffled")}
+    configs = {name: load_config(out / name / "config.yaml") for name in ("", "shards", "audio", "bank", "run", "eval/normal", "eval/shuffled")}
     assert configs[""] == configs["shards"] == configs["bank"] and configs[""].memory_bank.k == plan.bank_k == 4
     assert configs["run"].train.steps == 40 and configs["audio"].pretrain_audio.steps == 20
-    assert (configs["eval/none"].eval.pictures, configs["eval/shuffled"].eval.pictures) == (8, 8)
-    assert configs["eval/shuffled"].eval.audio_control == "shuffled" and configs["eval/none"].eval.split == "test"
+    assert (configs["eval/normal"].eval.pictures, configs["eval/shuffled"].eval.pictures) == (8, 8)
+    assert configs["eval/shuffled"].eval.audio_control == "shuffled" and configs["eval/normal"].eval.split == "test"
