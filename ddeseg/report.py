@@ -277,7 +277,8 @@ def evaluation_report(report: dict[str, Any]) -> Report:
         f"Frames: {counts['frames']} (manifest: {counts['frames_in_manifest']}, skipped: {counts['skipped_samples']}); "
         f"classes evaluated: {counts['classes_evaluated']} of {report['num_classes']}.",
     ]
-    files = Section("Files", links=[Link(path, text) for path, text in EVALUATION_FILES])
+    drawn = bool(report.get("pictures"))  # no pictures/ folder when none were asked for
+    files = Section("Files", links=[Link(path, text) for path, text in EVALUATION_FILES if drawn or path != "pictures/"])
     sections = [Section("Scores", tables=[overall_table(report)]), *evaluation_sections(report), files]
     return Report(f"Evaluation: {report['task']} / {report['split']}", intro, sections)
 

@@ -578,7 +578,7 @@ def controls_picture(
     canvas.paste(_text_block(layout.width, TITLE_PX, [(None, title or first.key)]), (0, 0))
     image = upscale_image(first.image, size)
     columns: list[tuple[str, np.ndarray | None, list[tuple[tuple[int, int, int] | None, str]]]] = [
-        ("image", image, _image_info(first, where=not title)),
+        ("image", image, _image_info(first, where=not title)[1:]),  # the column is labelled already
         ("ground truth", outlined_overlay(image, upscale_mask(first.target, size), palette),
          class_shares(first.target, class_names, palette) or [(None, "background only")]),
     ]
