@@ -39,7 +39,7 @@ import re
 import shutil
 import sys
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -286,7 +286,17 @@ class PictureCollector:
             self._videos = {v: f for v, f in self._videos.items() if v in video_ids}
 
     @staticmethod
-    def _pictures(keys, images, targets, predictions, scores_list, logmels, sounding, videos, frame_list):  # noqa: ANN001, ANN205
+    def _pictures(
+        keys: Sequence[str],
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        predictions: torch.Tensor,
+        scores_list: list[float],
+        logmels: torch.Tensor | None,
+        sounding: Sequence[Sequence[int]] | None,
+        videos: Sequence[str] | None,
+        frame_list: list[int] | None,
+    ) -> Callable[[int], FramePicture]:
         """A function `i -> FramePicture` of frame i of the batch, built on first use."""
         cache: dict[int, FramePicture] = {}
 
