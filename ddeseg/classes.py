@@ -1,4 +1,5 @@
-"""The class lists of the datasets ddeseg reads, their aliases, the AVSS mask palette, and the
+"""The class lists of the datasets ddeseg reads, their aliases, the AVSS mask palette, the
+drawing palettes (`display_palette`: official colours for AVSS ids, readable ones otherwise), and the
 task and split names of a prepared folder.
 
 One owner for these facts: `prepare` builds the unified class list (`ddeseg.pipelines.records.ClassList`)
@@ -7,6 +8,8 @@ with them when it holds no list of its own.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -185,3 +188,39 @@ def avss_palette(count: int = 256) -> np.ndarray:
         label >>= 3
         shift -= 1
     return palette.astype(np.uint8)
+
+
+# Colours for drawing classes that have no official colour (the demo's synthetic classes, VPO,
+# the binary tasks' foreground): the eight tab10 colours that are neither grey nor brown, then
+# colours picked greedily, each the farthest in CIELAB from those before it, among colours with
+# lightness 45..88 and chroma >= 35, i.e. readable over dark and light images, never near-black
+# and never near the white outline. Pairwise CIE76 distance >= 27 (tests/test_visualize.py).
+READABLE_COLOURS: tuple[tuple[int, int, int], ...] = (
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (227, 119, 194),
+    (188, 189, 34), (23, 190, 207), (170, 0, 255), (0, 255, 0), (255, 170, 153), (136, 102, 34),
+    (255, 0, 204), (0, 102, 255), (0, 238, 187), (255, 0, 119), (187, 221, 153), (68, 119, 68),
+    (204, 102, 255), (170, 238, 0), (170, 85, 102), (255, 204, 119), (187, 187, 255), (0, 238, 102),
+)
+
+
+def readable_palette(count: int = 256) -> np.ndarray:
+    """uint8 `[count, 3]`: id 0 (background) black, ids 1.. the `READABLE_COLOURS` in order
+    (repeating after 24 classes; the legends name every class)."""
+    palette = np.zeros((count, 3), dtype=np.uint8)
+    for class_id in range(1, count):
+        palette[class_id] = READABLE_COLOURS[(class_id - 1) % len(READABLE_COLOURS)]
+    return palette
+
+
+def uses_avss_ids(class_names: Sequence[str] | None) -> bool:
+    """True when the names are AVSBench-semantic classes at their official ids (task v2 on AVSS
+    data): such masks are drawn in the official palette, so that pictures compare with papers."""
+    if not class_names or len(class_names) <= 2:
+        return False
+    return all(i < len(AVSS_CLASSES) and AVSS_CLASSES[i] == name for i, name in enumerate(class_names))
+
+
+def display_palette(class_names: Sequence[str] | None) -> np.ndarray:
+    """The palette pictures of these classes are drawn in: the official AVSS palette for AVSS
+    ids (`uses_avss_ids`), else `readable_palette()`."""
+    return avss_palette() if uses_avss_ids(class_names) else readable_palette()

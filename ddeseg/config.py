@@ -263,6 +263,9 @@ class PredictConfig:
     frames_per_second: float = 1.0  # [--frames-per-second] capped at each video's frame rate
     batch_size: int = 8  # [--batch-size] frames per forward pass
     allow_no_audio: bool = False  # [--allow-no-audio] a video without sound is predicted with silence
+    # overlay.mp4: "source" at the video's own frame rate (the frames between two predictions show
+    # the last prediction's mask), "sampled" one picture per prediction at frames_per_second
+    overlay_video: str = "source"
 
 
 @dataclass
@@ -422,6 +425,7 @@ STAGE_KEY_CHOICES: dict[str, tuple[str, ...]] = {
     "memory_bank.missing_fill": ("global_mean", "zeros"),
     "eval.split": ("train", "val", "test"),
     "eval.audio_control": ("none", "shuffled", "silent"),
+    "predict.overlay_video": ("source", "sampled"),
 }
 
 

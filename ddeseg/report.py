@@ -23,8 +23,17 @@ from typing import Any
 
 import jinja2
 
+from ddeseg.visualize import audio_label
+
 TEMPLATES_DIR = Path(__file__).with_name("templates")
 CONFUSION_TOP = 3  # classes listed per ground-truth class in the confusion summary
+FRAME_GRID_PX = 560  # a frame picture (3 panels of 192 px) is 584 px: two per row on a 1240 px page
+WHY_CHOSEN = ("best", "median", "worst", "random")
+AUDIO_MEANING = {
+    "none": " (each frame with its own second of audio)",
+    "shuffled": " (each frame hears another frame's second of audio)",
+    "silent": " (each frame hears the log-mel of silence)",
+}
 
 
 @dataclass
@@ -54,11 +63,24 @@ class Figure:
 
 
 @dataclass
+class Link:
+    """A link to a file of the report's folder (`path` relative to it) and what it holds."""
+
+    path: str
+    text: str
+
+
+@dataclass
 class Section:
+    """A part of a report. `grid_px` > 0 lays the figures out in a grid of columns at least that
+    many pixels wide (the pictures' own width, so their text is not scaled down); 0: one per row."""
+
     title: str
     paragraphs: list[str] = field(default_factory=list)
     tables: list[Table] = field(default_factory=list)
     figures: list[Figure] = field(default_factory=list)
+    links: list[Link] = field(default_factory=list)
+    grid_px: int = 0
 
     @property
     def anchor(self) -> str:
@@ -189,32 +211,41 @@ def overall_table(report: dict[str, Any]) -> Table:
     )
 
 
-def evaluation_sections(report: dict[str, Any], picture_prefix: str = "") -> list[Section]:
+def evaluation_sections(report: dict[str, Any], picture_prefix: str = "", frames: bool = True) -> list[Section]:
     """Per class, confusion and picture sections of an eval.json dict; picture paths get
-    `picture_prefix` (where the evaluation's folder is, seen from the report)."""
+    `picture_prefix` (where the evaluation's folder is, seen from the report). `frames=False`
+    leaves out the chosen frames (the demo shows them under every audio condition instead)."""
     tables = [_per_class_table(report)]
     confusion = _confusion_table(report)
     if confusion is not None:
         tables.append(confusion)
     sections = [Section("Per class", tables=tables)]
-    control = report.get("audio_control", "none")
+    control = audio_label(str(report.get("audio_control", "none")))
+    median = report.get("frame_iou_median")
+    chosen = (
+        "Frames chosen across videos (at most one per video while there are enough): the best and the worst by"
+        f" frame IoU, the nearest to the median frame IoU of the split ({fmt(median, 3)}), and a few at random."
+        if report.get("samples") and report["samples"][0].get("why") in WHY_CHOSEN else ""
+    )
     galleries = [
         (
             "Frames",
-            "Each picture: image | ground truth | prediction, the classes present with their share of the frame, and"
-            " below, the second of audio the model was given (log-mel) with the classes that sound in it according"
-            " to the ground truth. Click a picture for full size.",
-            [Figure(picture_prefix + s["picture"], f"{s['key']}: frame IoU {fmt(s['iou'], 3)}, audio {control}")
-             for s in report.get("samples", [])],
+            f"{chosen} Each picture: image | ground truth | prediction, the classes present with their share of the"
+            " frame, and below, the second of audio the model was given (log-mel). Click a picture for full size.",
+            [Figure(picture_prefix + s["picture"], _sample_caption(s, control)) for s in report.get("samples", [])],
+            FRAME_GRID_PX,
         ),
         (
             "Videos",
             "Frames of one video left to right: ground truth, then prediction, then each frame's second of audio.",
             [Figure(picture_prefix + s["picture"], f"{s['label']} video {s['video']} (video IoU {fmt(s['iou'], 3)} of the videos drawn)")
              for s in report.get("video_strips", [])],
+            0,
         ),
     ]
-    sections += [Section(title, [text], figures=figures) for title, text, figures in galleries if figures]
+    if not frames:
+        galleries = galleries[1:]
+    sections += [Section(title, [text.strip()], figures=figures, grid_px=grid) for title, text, figures, grid in galleries if figures]
     worst = [p for p in report.get("pictures", []) if p.endswith("worst-frames.png")]
     if worst:
         keys = ", ".join(f"{w['key']} ({fmt(w['iou'], 3)})" for w in report.get("worst_frames", []))
@@ -222,16 +253,33 @@ def evaluation_sections(report: dict[str, Any], picture_prefix: str = "") -> lis
     return sections
 
 
+def _sample_caption(sample: dict[str, Any], control: str) -> str:
+    why = f"{sample['why']}: " if sample.get("why") else ""
+    where = f" (video {sample['video']}, frame {sample['frame']})" if sample.get("video") is not None else ""
+    return f"{why}{sample['key']}{where}, frame IoU {fmt(sample['iou'], 3)}, audio: {control}"
+
+
+EVALUATION_FILES = (
+    ("eval.json", "every number of this page, per class, the confusion summary and the pictures drawn"),
+    ("eval.md", "this page as Markdown"),
+    ("config.yaml", "the resolved config of this evaluation"),
+    ("pictures/", "the pictures, full size"),
+)
+
+
 def evaluation_report(report: dict[str, Any]) -> Report:
     """The eval.md / eval.html of `ddeseg evaluate`."""
     counts = report["counts"]
     intro = [
         f"Checkpoint {report['checkpoint']} ({report['checkpoint_format']}, step {report['checkpoint_step']}); "
-        f"memory bank {report['memory_bank']}; audio control: {report['audio_control']}.",
+        f"memory bank {report['memory_bank']}; audio: {audio_label(str(report['audio_control']))}"
+        f"{AUDIO_MEANING.get(str(report['audio_control']), '')}.",
         f"Frames: {counts['frames']} (manifest: {counts['frames_in_manifest']}, skipped: {counts['skipped_samples']}); "
         f"classes evaluated: {counts['classes_evaluated']} of {report['num_classes']}.",
     ]
-    sections = [Section("Scores", tables=[overall_table(report)]), *evaluation_sections(report)]
+    drawn = bool(report.get("pictures"))  # no pictures/ folder when none were asked for
+    files = Section("Files", links=[Link(path, text) for path, text in EVALUATION_FILES if drawn or path != "pictures/"])
+    sections = [Section("Scores", tables=[overall_table(report)]), *evaluation_sections(report), files]
     return Report(f"Evaluation: {report['task']} / {report['split']}", intro, sections)
 
 

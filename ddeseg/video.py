@@ -345,6 +345,48 @@ def sample_frames(
             audio.close()
 
 
+class SourceFrames:
+    """Every frame of a file's first video stream, in order, on the video's timeline (0 = its
+    first frame), decoded one at a time as asked: `until(t)` yields the RGB frames shown before
+    time t (those not yielded yet), `until(None)` the rest. For `overlay.mp4` at the source's
+    frame rate; use as a context manager."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._container = _open(self.path)
+        self._frames = _video_frames(self.path, self._container)
+        self._origin: float | None = None
+        self._next: tuple[float, av.VideoFrame] | None = None
+        self._done = False
+
+    def _peek(self) -> tuple[float, av.VideoFrame] | None:
+        if self._next is None and not self._done:
+            try:
+                time_s, frame = next(self._frames)
+            except StopIteration:
+                self._done = True
+                return None
+            if self._origin is None:
+                self._origin = time_s
+            self._next = (time_s - self._origin, frame)
+        return self._next
+
+    def until(self, time_s: float | None) -> Iterator[np.ndarray]:
+        """uint8 RGB `[H, W, 3]` of each frame whose time is before `time_s` (all when None)."""
+        while (item := self._peek()) is not None and (time_s is None or item[0] < time_s - TIME_TOLERANCE_S):
+            self._next = None
+            yield item[1].to_ndarray(format="rgb24")
+
+    def close(self) -> None:
+        self._container.close()
+
+    def __enter__(self) -> SourceFrames:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def first_video_time(path: Path) -> float:
     with _open(path) as container:
         for time_s, _ in _video_frames(path, container):

@@ -15,7 +15,8 @@ Under torchrun every rank runs its frames and the meters are summed (gathered) a
 every rank returns the same numbers, equal to a single process's on the same split.
 
 Audio-reliance controls (`audio_control`): the model sees the frame with other audio, and the drop
-from the `none` score says how much it uses sound.
+from the normal score (`none`: no control, the frame's own audio; reports call it `normal`) says
+how much it uses sound.
 
 - `shuffled`: each frame gets the log-mel of another frame of its batch: frame i takes frame
   i + 1's (cyclically), a derangement for any batch of two or more. A batch of one frame takes
@@ -38,7 +39,7 @@ import re
 import shutil
 import sys
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,6 +58,7 @@ from ddeseg.metrics import AVSBenchBinaryMeter, SegmentationMeter, foreground_lo
 from ddeseg.stage import ConfigSource, write_stage_config
 from ddeseg.visualize import (
     FramePicture,
+    audio_label,
     contact_sheet,
     denormalize_images,
     frame_picture,
@@ -169,28 +171,71 @@ class AudioControl:
 
 @dataclass
 class PictureCollector:
-    """Keeps the frames to draw: `samples` frames spread over the split (by a hash of the key), the
-    `worst` frames by their mean IoU (`SegmentationMeter.update`'s per-frame score; ties by key;
-    frames without a score are never "worst"), and every frame of `videos` videos (default `STRIP_VIDEOS`, none when
-    `samples` is 0) spread over the split (by a hash of the video id), from which `video_strips` picks the best, median and worst
-    video by video IoU (the mean of its frames' IoUs). The choice does not depend on the number of
-    ranks: a video among the `videos` smallest hashes of the whole split is among the smallest of
-    every rank that sees it, so each rank keeps its frames of it.
+    """Keeps the frames to draw, chosen the same whatever the number of ranks:
 
+    - `samples` chosen frames (`chosen_frames()`), across videos, at most one per video while
+      there are enough videos: a quarter (at least one) the best by frame IoU, a quarter the
+      worst, a quarter the nearest to the split's median frame IoU, the rest at random (seeded by
+      `seed`: the smallest hashes of `seed:key`); the median ones come from a random pool of
+      `4 * samples` videos (a picture is kept only for candidates, not for every frame). With
+      `keep` (key -> why it was chosen), exactly those frames instead, in that order: the demo
+      gives the shuffled and silent evaluations the frames the normal one chose.
+    - the `worst` frames by frame IoU (`worst_frames()`; ties by key; frames without a score are
+      never chosen by score);
+    - every frame of `videos` videos (default `STRIP_VIDEOS`, none when `samples` is 0) spread
+      over the split (by a hash of the video id), from which `video_strips` picks the best, median
+      and worst video by video IoU (the mean of its frames' IoUs).
+
+    Each pool holds one frame per video and only the videos that can still be chosen: a video
+    among the n first of the whole split is among the n first of every rank that sees it.
     `evaluate_model` calls `add` per batch and `gather` at the end, after which every rank holds
-    the final selection in `sample_frames()`, `worst_frames()` and `video_strips()`.
+    the final selection.
     """
 
     samples: int = 16
     worst: int = 16
     videos: int | None = None  # default: STRIP_VIDEOS when samples are drawn, else none
-    _samples: dict[str, FramePicture] = field(default_factory=dict)
+    seed: int = 0
+    keep: dict[str, str] | None = None
+    _best: dict[str, FramePicture] = field(default_factory=dict)  # video -> its best frame
+    _low: dict[str, FramePicture] = field(default_factory=dict)  # video -> its worst frame
+    _random: dict[str, FramePicture] = field(default_factory=dict)  # video -> its smallest-hash frame
+    _kept: dict[str, FramePicture] = field(default_factory=dict)
+    _scores: dict[str, float] = field(default_factory=dict)  # every scored frame
     _worst: dict[str, FramePicture] = field(default_factory=dict)
     _videos: dict[str, dict[str, FramePicture]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.videos is None:
             self.videos = STRIP_VIDEOS if self.samples > 0 else 0
+
+    def _hash(self, key: str) -> int:
+        return zlib.crc32(f"{self.seed}:{key}".encode())
+
+    def _quota(self) -> int:
+        """Frames per chosen kind (best, median, worst)."""
+        return max(1, self.samples // 4) if self.samples > 0 else 0
+
+    def _pool_orders(self) -> dict[str, tuple[Any, int]]:
+        """Per pool: how frames rank inside it (smallest first) and how many videos it keeps."""
+        quota = self._quota()
+        return {
+            "_best": (lambda f: (-f.score, f.key), 2 * quota + 2),
+            "_low": (lambda f: (f.score, f.key), 2 * quota + 2),
+            "_random": (lambda f: (self._hash(f.key), f.key), 4 * max(0, self.samples)),
+        }
+
+    def _pool_add(self, name: str, frame: FramePicture) -> None:
+        order, limit = self._pool_orders()[name]
+        pool: dict[str, FramePicture] = getattr(self, name)
+        video = frame.video if frame.video is not None else frame.key
+        if name != "_random" and not math.isfinite(frame.score):
+            return
+        if video not in pool or order(frame) < order(pool[video]):
+            pool[video] = frame
+        if len(pool) > limit:
+            for dropped in sorted(pool, key=lambda v: (order(pool[v]), v))[limit:]:
+                del pool[dropped]
 
     def add(
         self,
@@ -208,12 +253,14 @@ class PictureCollector:
         """One batch: normalised images `[B, 3, S, S]`, targets and predicted ids `[B, S, S]`, scores `[B]`;
         optionally the log-mels the model was given `[B, 1, T, M]`, the task ids sounding in each
         frame (the loader's `classes`), and each frame's video id and index (the loader's `video`,
-        `frame`; without them no video strip is kept)."""
-        if self.samples <= 0 and self.worst <= 0 and self.videos <= 0:
+        `frame`; without them no video strip is kept and each frame counts as its own video)."""
+        if self.samples <= 0 and self.worst <= 0 and self.videos <= 0 and not self.keep:
             return
         scores_list = [float(s) for s in scores.detach().cpu().tolist()]
         frame_list = [int(f) for f in (frames.tolist() if torch.is_tensor(frames) else frames)] if frames is not None else None
-        sample_keys = set(self._select_samples({**dict.fromkeys(self._samples), **dict.fromkeys(keys)}))
+        for key, score in zip(keys, scores_list, strict=True):
+            if math.isfinite(score):
+                self._scores[key] = score
         worst_candidates = dict(self._worst)
         for key, score in zip(keys, scores_list, strict=True):
             if math.isfinite(score):
@@ -221,39 +268,56 @@ class PictureCollector:
         worst_keys = set(self._select_worst(worst_candidates))
         video_ids = set(self._select_videos({*self._videos, *(videos or ())})) if videos is not None and frame_list is not None else set()
         in_video = [videos is not None and str(videos[i]) in video_ids for i in range(len(keys))]
-        wanted = [i for i, key in enumerate(keys) if key in sample_keys or key in worst_keys or in_video[i]]
-        if wanted:
-            index = torch.tensor(wanted)
-            pixels = denormalize_images(images.detach()[index.to(images.device)])
-            target_ids = targets.detach()[index.to(targets.device)].cpu().numpy().astype(np.uint8)
-            predicted_ids = predictions.detach()[index.to(predictions.device)].cpu().numpy().astype(np.uint8)
-            audio = None
-            if logmels is not None:
-                chosen = logmels.detach()[index.to(logmels.device)].float().cpu().numpy()
-                audio = chosen.reshape(len(wanted), -1, chosen.shape[-1])  # [n, T, M]
-            for j, i in enumerate(wanted):
-                frame = FramePicture(
-                    keys[i], pixels[j], target_ids[j], predicted_ids[j], scores_list[i],
-                    logmel=None if audio is None else audio[j],
-                    sounding=None if sounding is None else tuple(int(c) for c in sounding[i]),
-                    video=None if videos is None else str(videos[i]),
-                    frame=None if frame_list is None else frame_list[i],
-                )
-                if keys[i] in sample_keys:
-                    self._samples[keys[i]] = frame
-                if keys[i] in worst_keys:
-                    self._worst[keys[i]] = frame
-                if in_video[i]:
-                    self._videos.setdefault(str(videos[i]), {})[keys[i]] = frame  # type: ignore[index]
-        self._samples = {k: v for k, v in self._samples.items() if k in sample_keys}
+        # Every frame is a candidate of the chosen pools; it is drawn (denormalised, copied) once.
+        pictures = self._pictures(keys, images, targets, predictions, scores_list, logmels, sounding, videos, frame_list)
+        for i, key in enumerate(keys):
+            frame = pictures(i)
+            if self.keep is not None:
+                if key in self.keep:
+                    self._kept[key] = frame
+            elif self.samples > 0:
+                for name in ("_best", "_low", "_random"):
+                    self._pool_add(name, frame)
+            if key in worst_keys:
+                self._worst[key] = frame
+            if in_video[i]:
+                self._videos.setdefault(str(videos[i]), {})[key] = frame  # type: ignore[index]
         self._worst = {k: v for k, v in self._worst.items() if k in worst_keys}
         if video_ids:
             self._videos = {v: f for v, f in self._videos.items() if v in video_ids}
 
-    def _select_samples(self, keys: dict[str, Any]) -> list[str]:
-        # Ordered by a hash of the key, not the key itself, so the samples spread over videos
-        # instead of being the first frames of the first video; still independent of ranks.
-        return sorted(keys, key=lambda key: (zlib.crc32(key.encode()), key))[: max(0, self.samples)]
+    @staticmethod
+    def _pictures(
+        keys: Sequence[str],
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        predictions: torch.Tensor,
+        scores_list: list[float],
+        logmels: torch.Tensor | None,
+        sounding: Sequence[Sequence[int]] | None,
+        videos: Sequence[str] | None,
+        frame_list: list[int] | None,
+    ) -> Callable[[int], FramePicture]:
+        """A function `i -> FramePicture` of frame i of the batch, built on first use."""
+        cache: dict[int, FramePicture] = {}
+
+        def picture(i: int) -> FramePicture:
+            if i not in cache:
+                audio = None
+                if logmels is not None:
+                    chosen = logmels.detach()[i].float().cpu().numpy()
+                    audio = chosen.reshape(-1, chosen.shape[-1])  # [T, M]
+                cache[i] = FramePicture(
+                    keys[i], denormalize_images(images.detach()[i : i + 1])[0],
+                    targets.detach()[i].cpu().numpy().astype(np.uint8), predictions.detach()[i].cpu().numpy().astype(np.uint8),
+                    scores_list[i], logmel=audio,
+                    sounding=None if sounding is None else tuple(int(c) for c in sounding[i]),
+                    video=None if videos is None else str(videos[i]),
+                    frame=None if frame_list is None else frame_list[i],
+                )
+            return cache[i]
+
+        return picture
 
     def _select_videos(self, videos: Iterable[str]) -> list[str]:
         return sorted(videos, key=lambda video: (zlib.crc32(video.encode()), video))[: max(0, self.videos)]
@@ -270,23 +334,81 @@ class PictureCollector:
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1):
             return self
         gathered: list[Any] = [None] * dist.get_world_size(group)
-        mine = (list(self._samples.values()), list(self._worst.values()), [f for v in self._videos.values() for f in v.values()])
+        pools = ("_best", "_low", "_random")
+        mine = (
+            {name: list(getattr(self, name).values()) for name in pools}, list(self._kept.values()), self._scores,
+            list(self._worst.values()), [f for v in self._videos.values() for f in v.values()],
+        )
         dist.all_gather_object(gathered, mine, group=group)
-        samples: dict[str, FramePicture] = {}
+        for name in pools:
+            setattr(self, name, {})
         worst: dict[str, FramePicture] = {}
         videos: dict[str, dict[str, FramePicture]] = {}
-        for rank_samples, rank_worst, rank_videos in gathered:
-            samples.update({frame.key: frame for frame in rank_samples})
+        for rank_pools, rank_kept, rank_scores, rank_worst, rank_videos in gathered:
+            for name in pools:
+                for frame in rank_pools[name]:
+                    self._pool_add(name, frame)
+            self._kept.update({frame.key: frame for frame in rank_kept})
+            self._scores.update(rank_scores)
             worst.update({frame.key: frame for frame in rank_worst})
             for frame in rank_videos:
                 videos.setdefault(str(frame.video), {})[frame.key] = frame
-        self._samples = {k: samples[k] for k in self._select_samples(samples)}
         self._worst = {k: worst[k] for k in self._select_worst(worst)}
         self._videos = {v: videos[v] for v in self._select_videos(videos)}
         return self
 
+    def median_score(self) -> float | None:
+        """The median frame IoU of every scored frame (None when none was scored)."""
+        values = sorted(self._scores.values())
+        if not values:
+            return None
+        middle = len(values) // 2
+        return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+
+    def chosen_frames(self) -> list[tuple[str, FramePicture]]:
+        """`(why, frame)` of the chosen frames, `why` one of `best`, `median`, `worst`, `random`
+        (or the reason given in `keep`), best first, then median, worst, random; at most one frame
+        per video, two when the split has too few videos."""
+        if self.keep is not None:
+            return [(why, self._kept[key]) for key, why in self.keep.items() if key in self._kept]
+        if self.samples <= 0:
+            return []
+        quota = self._quota()
+        median = self.median_score()
+        orders = self._pool_orders()
+        candidates = {
+            "best": sorted(self._best.values(), key=orders["_best"][0]),
+            "worst": sorted(self._low.values(), key=orders["_low"][0]),
+            "median": sorted(
+                (f for f in self._random.values() if math.isfinite(f.score)),
+                key=lambda f: (abs(f.score - (median or 0.0)), self._hash(f.key), f.key),
+            ),
+            "random": sorted(self._random.values(), key=orders["_random"][0]),
+        }
+        wanted = {"best": quota, "median": quota if self.samples >= 3 else 0, "worst": quota if self.samples >= 2 else 0}
+        wanted["random"] = max(0, self.samples - sum(wanted.values()))
+        for per_video in (1, 2):
+            chosen: dict[str, tuple[str, FramePicture]] = {}
+            used: dict[str, int] = {}
+            for why in ("best", "worst", "median", "random"):
+                taken = 0
+                for frame in candidates[why]:
+                    video = frame.video if frame.video is not None else frame.key
+                    if taken == wanted[why]:
+                        break
+                    if frame.key in chosen or used.get(video, 0) >= per_video:
+                        continue
+                    chosen[frame.key] = (why, frame)
+                    used[video] = used.get(video, 0) + 1
+                    taken += 1
+            if len(chosen) >= min(self.samples, len(self._scores)):
+                break
+        order = {"best": 0, "median": 1, "worst": 2, "random": 3}
+        return sorted(chosen.values(), key=lambda item: (order[item[0]], -item[1].score if math.isfinite(item[1].score) else 0.0, item[1].key))
+
     def sample_frames(self) -> list[FramePicture]:
-        return [self._samples[k] for k in self._select_samples(self._samples)]
+        """The chosen frames (`chosen_frames`) without their reasons."""
+        return [frame for _, frame in self.chosen_frames()]
 
     def worst_frames(self) -> list[FramePicture]:
         return [self._worst[k] for k in self._select_worst(self._worst)]
@@ -529,7 +651,12 @@ class EvaluatePaths:
 
 
 def run_evaluation(
-    config: ConfigSource, paths: EvaluatePaths, context: DistributedContext, *, progress: bool = True
+    config: ConfigSource,
+    paths: EvaluatePaths,
+    context: DistributedContext,
+    *,
+    progress: bool = True,
+    pictures: PictureCollector | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on a split of prepared shards and, on rank 0, write `eval.json`,
     `eval.md`, `pictures/` and `config.yaml` into `paths.out`. Returns the eval.json dict (every rank).
@@ -540,7 +667,11 @@ def run_evaluation(
 
     A split not scored whole (frames of a corrupt or cut shard skipped) gives `"partial": true`
     with `counts.frames_not_scored` and `skipped_shards`, and a warning; `ddeseg evaluate` then
-    exits 3 unless `--allow-partial`."""
+    exits 3 unless `--allow-partial`.
+
+    `pictures`: the frames to draw (default: `eval.pictures` chosen frames seeded by
+    `train.seed`, `eval.worst_frames` worst); the caller may read its frames afterwards (the demo
+    passes the frames the normal evaluation chose to the shuffled and silent ones)."""
     out_dir = require_output_folder(paths.out)
     index, loaded = load_checked(config, paths)
     config = loaded.config  # resolved (eval.audio_control and eval.split are checked on load)
@@ -550,7 +681,9 @@ def run_evaluation(
     shards = index.shards(task, split)
     total = index.count(task, split, annotated_only=True)
     errors_dir = out_dir / "data_errors"
-    result, collector = _evaluate_split(loaded.model, config, index, shards, total, errors_dir, context, progress=progress)
+    result, collector = _evaluate_split(
+        loaded.model, config, index, shards, total, errors_dir, context, progress=progress, pictures=pictures
+    )
     barrier()  # every rank's loader workers have written their error logs
     report = build_report(result, config, paths.checkpoint, loaded, total=total, errors_dir=errors_dir, world_size=context.world_size)
     report["shards"] = str(Path(paths.shards).resolve())
@@ -608,6 +741,7 @@ def _evaluate_split(
     context: DistributedContext,
     *,
     progress: bool,
+    pictures: PictureCollector | None = None,
 ) -> tuple[dict[str, Any], PictureCollector]:
     """`evaluate_model`'s result and pictures on `shards` (`config`'s task and split, `total`
     annotated frames), run deterministically on `context.device` under a frames progress bar;
@@ -628,7 +762,9 @@ def _evaluate_split(
         errors_dir=errors_dir,
         label_lut=index.label_lut(task, config.model.num_classes),
     )
-    collector = PictureCollector(samples=config.eval.pictures, worst=config.eval.worst_frames)
+    collector = pictures if pictures is not None else PictureCollector(
+        samples=config.eval.pictures, worst=config.eval.worst_frames, seed=config.train.seed
+    )
     bar = stage_progress("frames", enabled=context.is_main and progress)
     with bar:
         task_id = bar.add_task(f"evaluate {task}/{split}", total=total)
@@ -702,8 +838,9 @@ def _write_and_announce(
     tables, and a one-line warning on stderr when the result is partial."""
     from ddeseg.progress import console
 
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_stage_config(config, out_dir)  # first: the pages link to it
     write_outputs(report, collector, out_dir, class_names)
-    write_stage_config(config, out_dir)
     print_report(report, console)
     if report["partial"]:
         counts = report["counts"]
@@ -753,9 +890,12 @@ def write_outputs(report: dict[str, Any], collector: PictureCollector, out_dir: 
         shutil.rmtree(pictures_dir)
     control = str(report.get("audio_control", "none"))
     samples = []
-    for i, frame in enumerate(collector.sample_frames()):
-        name = save_png(frame_picture(frame, class_names, control), pictures_dir / picture_name(i, frame.key)).name
-        samples.append({"key": frame.key, "iou": _finite(frame.score), "picture": f"{PICTURES_DIR}/{name}"})
+    for i, (why, frame) in enumerate(collector.chosen_frames()):
+        name = save_png(frame_picture(frame, class_names, control, label=why), pictures_dir / picture_name(i, frame.key)).name
+        samples.append({
+            "key": frame.key, "why": why, "video": frame.video, "frame": frame.frame,
+            "iou": _finite(frame.score), "picture": f"{PICTURES_DIR}/{name}",
+        })
     strips = []
     for label, video, score, frames in collector.video_strips():
         picture = video_strip(frames, f"{label} video {video}: video IoU {score:.3f}", class_names, control)
@@ -768,6 +908,7 @@ def write_outputs(report: dict[str, Any], collector: PictureCollector, out_dir: 
         written.append(f"{PICTURES_DIR}/{save_png(sheet, pictures_dir / WORST_SHEET).name}")
     report["pictures"] = written
     report["samples"] = samples
+    report["frame_iou_median"] = collector.median_score()
     report["video_strips"] = strips
     report["worst_frames"] = [{"key": f.key, "iou": f.score} for f in worst]
     if isinstance(report.get("confusion"), list):
@@ -801,7 +942,8 @@ def print_report(report: dict[str, Any], console: Any) -> None:
 
     from ddeseg.report import fmt
 
-    overall = Table(title=f"{report['task']} / {report['split']}  (audio: {report['audio_control']}, {report['counts']['frames']} frames)")
+    audio = audio_label(report["audio_control"])
+    overall = Table(title=f"{report['task']} / {report['split']}  (audio: {audio}, {report['counts']['frames']} frames)")
     for column in ("protocol", "mIoU", "F-score", "F1"):
         overall.add_column(column, justify="left" if column == "protocol" else "right")
     overall.add_row("DDESeg", fmt(report["miou"]), fmt(report["fscore"]), fmt(report["f1"]))

@@ -6,10 +6,13 @@ Outputs of `predict_to_directory` (`ddeseg predict`), per video under `OUT/{vide
 - `overlays/{k:06d}.png`: the frame with the classes blended in the project palette
   (`ddeseg.visualize.overlay`) and, on the right, a legend panel: time, audio source, and per
   class present its colour, name and pixel share;
-- `overlay.mp4`: the overlay pictures at F frames/s (F capped at the video's frame rate: above it
-  every extra sample would repeat a frame; a warning says so) (H.264, or MPEG-4 Part 2 when the PyAV build
-  has no libx264; padded to even sizes) with the source's whole audio track re-encoded to AAC;
-  no audio stream when the source has none;
+- `overlay.mp4`: by default (`predict.overlay_video: source`) every frame of the video at its own
+  frame rate, each with the mask and legend of the last prediction at or before it (the frames
+  before the first prediction take the first one), so it plays as the source does; with
+  `sampled`, the overlay pictures at F frames/s (F capped at the video's frame rate: above it
+  every extra sample would repeat a frame; a warning says so). H.264, or MPEG-4 Part 2 when the
+  PyAV build has no libx264; padded to even sizes; with the source's audio track (AAC copied,
+  others re-encoded to AAC); no audio stream when the source has none;
 - `predictions.json`: see `PREDICTIONS_VERSION` and `FramePrediction.to_json`: per frame its
   index, `time_s` (= k / F), `frame_time_s` (timestamp of the frame shown), audio source, and the
   classes present with `pixel_fraction` and `box` (normalised `[x0, y0, x1, y1]`, inclusive pixel
@@ -34,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ddeseg.classes import avss_palette
+from ddeseg.classes import display_palette
 from ddeseg.config import Config, check_overrides
 from ddeseg.fileio import building_directory, reporting_disk_full
 from ddeseg.inference import InferenceModel, load_for_inference, require_output_folder, resolve_class_names
@@ -42,13 +45,14 @@ from ddeseg.segment import MASKS_DIR, OVERLAYS_DIR, frame_name, predict_video
 from ddeseg.stage import ConfigSource, RunOptions, write_stage_config
 from ddeseg.video import (
     OverlayVideoWriter,
+    SourceFrames,
     VideoError,
     VideoInfo,
     ffmpeg_reason,
     first_video_time,
     probe_video,
 )
-from ddeseg.visualize import overlay_with_legend
+from ddeseg.visualize import LegendOverlay
 
 PREDICTIONS_VERSION = 1
 PREDICTIONS_FILE, OVERLAY_VIDEO = "predictions.json", "overlay.mp4"
@@ -121,8 +125,11 @@ def predict_to_directory(
     allow_no_audio: bool = False,
     checkpoint: str | None = None,
     progress: Any = None,
+    overlay_video: str = "source",
 ) -> VideoResult:
     """Predict one video and write `out_dir/` (masks, overlays, overlay.mp4, predictions.json).
+    `overlay_video`: `source` (overlay.mp4 at the video's frame rate) or `sampled` (at the
+    sampling rate); see the module docstring.
 
     `out_dir` is written as `.{name}.partial` beside it and renamed at the end (replacing an old
     one). `frames_per_second` above the video's frame rate is capped at it, with a warning on
@@ -142,32 +149,51 @@ def predict_to_directory(
         with building_directory(out_dir) as temporary:
             (temporary / MASKS_DIR).mkdir()
             (temporary / OVERLAYS_DIR).mkdir()
+            # Without a known frame rate the source's frames cannot be timed: the sampled pictures.
+            at_source_rate = overlay_video == "source" and bool(info.frame_rate)
+            video_rate = info.frame_rate if at_source_rate else rate
             writer = OverlayVideoWriter(
-                temporary / OVERLAY_VIDEO, rate, path if info.has_audio else None, first_video_time(path)
+                temporary / OVERLAY_VIDEO, video_rate, path if info.has_audio else None, first_video_time(path)
             )
+            source = SourceFrames(path) if at_source_rate else None
             finished = False
             try:
-                palette, audio_note = avss_palette(), None if info.has_audio else "no audio: silence"
+                palette, audio_note = display_palette(class_names), None if info.has_audio else "no audio: silence"
+                painter: LegendOverlay | None = None
                 for prediction in predict_video(
                     path, model, config, class_names,
                     frames_per_second=rate, batch_size=batch_size, allow_no_audio=allow_no_audio,
                 ):
                     name = frame_name(prediction.index)
                     Image.fromarray(prediction.mask, mode="L").save(temporary / MASKS_DIR / name, optimize=False)
-                    picture = overlay_with_legend(prediction, palette, audio_note)
+                    latest = LegendOverlay(prediction, palette, audio_note)
+                    picture = latest(prediction.image)
                     # Fast compression: the overlays are pictures to look at, written once per frame.
                     Image.fromarray(picture, mode="RGB").save(temporary / OVERLAYS_DIR / name, compress_level=1)
-                    writer.write(picture)
+                    if source is None:
+                        writer.write(picture)
+                    else:  # the source frames up to this prediction keep the previous mask
+                        _write_source_frames(writer, source.until(prediction.time_s), painter or latest)
+                    painter = latest
                     frames.append(prediction.to_json())
                     if progress is not None:
                         progress.advance(task)
+                if source is not None and painter is not None:
+                    _write_source_frames(writer, source.until(None), painter)
                 finished = True
             finally:
                 writer.close(finish=finished)
+                if source is not None:
+                    source.close()
             document = predictions_document(path, info, frames, class_names, config, rate, frames_per_second)
             document["checkpoint"] = checkpoint
             if info.has_audio:
                 document["audio"]["overlay_mp4"] = "copied" if writer.audio_copied else "re-encoded to AAC"
+            document["overlay_video"] = {
+                "frames": "source" if source is not None else "sampled",
+                "frames_per_second": video_rate,
+                "frames_written": writer.frames_written,
+            }
             (temporary / PREDICTIONS_FILE).write_text(json.dumps(document, indent=1) + "\n")
     finally:
         if progress is not None and task is not None:
@@ -179,6 +205,16 @@ def predict_to_directory(
         audio="track" if info.has_audio else "silence (no track)",
         classes=dict(document["summary"]),
     )
+
+
+def _write_source_frames(writer: OverlayVideoWriter, images: Any, painter: LegendOverlay) -> None:
+    """Each source frame with `painter`'s mask and legend (a frame of another size than the
+    prediction, in a stream that changes size, is resized to it first)."""
+    height, width = painter.shape
+    for image in images:
+        if image.shape[:2] != painter.shape:
+            image = np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
+        writer.write(painter(image))
 
 
 def predictions_document(
@@ -297,6 +333,7 @@ def _predict_videos(
                     video, model, config, class_names, out_root / name,
                     frames_per_second=settings.frames_per_second, batch_size=settings.batch_size,
                     allow_no_audio=settings.allow_no_audio, checkpoint=str(paths.checkpoint), progress=bar,
+                    overlay_video=settings.overlay_video,
                 )
         except VideoError as error:
             result = VideoResult(path=video, error=str(error))

@@ -9,7 +9,7 @@ import math
 from PIL import Image
 
 from ddeseg.pipelines.demo import DemoPaths, DemoPlan, demo_config, run_demo
-from ddeseg.visualize import frame_layout
+from ddeseg.visualize import controls_layout, frame_layout
 
 
 def _all_background_miou(per_class: dict) -> float:
@@ -41,18 +41,28 @@ def test_demo_runs_every_stage_and_reports(tmp_path, micro_config_overrides):
 
     html = (out / "report.html").read_text()
     assert "loss.png" in html and "shuffled" in html and "silent" in html
-    pictures = sorted((out / "pictures").glob("sample-*.png"))
-    assert pictures and all(p.as_posix().split("/demo/")[1] in html for p in pictures)
+    # the frames the normal evaluation chose, each drawn under the three audio conditions
+    chosen = [s["key"] for s in on_disk["samples"]]
+    assert chosen and [c["key"] for c in on_disk["controls_pictures"]] == chosen
+    for control in ("shuffled", "silent"):  # the controls kept the same frames
+        kept = json.loads((out / "eval" / control / "eval.json").read_text())["samples"]
+        assert [s["key"] for s in kept] == chosen and all(s["why"] for s in kept)
+    for entry in on_disk["controls_pictures"]:
+        assert entry["picture"] in html and list(entry["iou"]) == ["normal", "shuffled", "silent"]
+        with Image.open(out / entry["picture"]) as picture:
+            layout = controls_layout(32)  # image | ground truth | 3 predictions, each upscaled to 192 px, audio below
+            assert picture.size == (layout.width, layout.height) and layout.panel == 192
+    pictures = sorted((out / "eval" / "normal" / "pictures").glob("sample-*.png"))
     with Image.open(pictures[0]) as picture:
-        layout = frame_layout(32)  # image | ground truth | prediction, each upscaled to 256 px, audio below
-        assert picture.size == (layout.width, layout.height) and layout.panel == 256
+        assert picture.size == (frame_layout(32).width, frame_layout(32).height)
+    assert on_disk["demo"]["machine"]["threads"] >= 1
     assert set(on_disk["demo"]["timings_s"]) >= {"synth", "prepare", "pretrain-audio", "build-memory-bank", "train", "evaluate"}
 
     # every output folder holds the resolved config that made it
     from ddeseg.config import load_config
 
-    configs = {name: load_config(out / name / "config.yaml") for name in ("", "shards", "audio", "bank", "run", "eval/none", "eval/shuffled")}
+    configs = {name: load_config(out / name / "config.yaml") for name in ("", "shards", "audio", "bank", "run", "eval/normal", "eval/shuffled")}
     assert configs[""] == configs["shards"] == configs["bank"] and configs[""].memory_bank.k == plan.bank_k == 4
     assert configs["run"].train.steps == 40 and configs["audio"].pretrain_audio.steps == 20
-    assert (configs["eval/none"].eval.pictures, configs["eval/shuffled"].eval.pictures) == (8, 0)
-    assert configs["eval/shuffled"].eval.audio_control == "shuffled" and configs["eval/none"].eval.split == "test"
+    assert (configs["eval/normal"].eval.pictures, configs["eval/shuffled"].eval.pictures) == (8, 8)
+    assert configs["eval/shuffled"].eval.audio_control == "shuffled" and configs["eval/normal"].eval.split == "test"

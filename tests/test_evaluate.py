@@ -10,7 +10,6 @@ import os
 import socket
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -234,15 +233,14 @@ def test_triptych_and_contact_sheet_sizes():
     assert np.array_equal(sheet[: cell.height, : cell.width], frame_picture(frames[0], rank=1))
 
 
-def test_picture_collector_keeps_hash_spread_samples_and_worst_scores():
+def test_picture_collector_keeps_best_and_worst_samples_and_worst_scores():
     collector = PictureCollector(samples=2, worst=2)
     images = torch.zeros(3, 3, 4, 4)
     masks = torch.zeros(3, 4, 4, dtype=torch.long)
     collector.add(["c", "a", "e"], images, masks, masks, torch.tensor([0.5, float("nan"), 0.9], dtype=torch.float64))
     collector.add(["b", "d"], images[:2], masks[:2], masks[:2], torch.tensor([0.2, 0.5], dtype=torch.float64))
-    # samples: the smallest crc32 of the key (c 0x06b9df6f, b 0x71beeff9, d 0x98dd4acc, ...),
-    # so frames are spread over videos rather than the first keys of the first video
-    assert [f.key for f in collector.sample_frames()] == ["c", "b"]
+    # two samples: the best and the worst frame (each frame its own video here); NaN never
+    assert [(why, f.key) for why, f in collector.chosen_frames()] == [("best", "e"), ("worst", "b")]
     assert [f.key for f in collector.worst_frames()] == ["b", "c"]  # 0.2, then 0.5 (c before d); NaN never
 
 
@@ -409,11 +407,14 @@ def test_cli_writes_metrics_tables_and_pictures_deterministically(shards, checkp
     pictures = sorted((outs[0] / "pictures").glob("*.png"))
     samples = [p for p in pictures if p.name.startswith("sample-")]
     assert len(samples) == 3 and report["pictures"][:3] == [f"pictures/{p.name}" for p in samples]
-    # the samples are the 3 annotated keys with the smallest crc32 (spread over videos)
-    first_keys = sorted((k for task, videos in [("v2", VIDEOS["v2"])] for v, n, ann in videos for k in
-                         [schema.sample_key(task, v, f) for f in sorted(ann)]),
-                        key=lambda k: (zlib.crc32(k.encode()), k))[:3]
-    assert [p.name for p in samples] == [f"sample-{i:03d}-{k}.png" for i, k in enumerate(first_keys)]
+    # the samples: the best, the nearest to the median and the worst frame by IoU, across videos
+    chosen = report["samples"]
+    assert [s["why"] for s in chosen] == ["best", "median", "worst"]
+    assert [p.name for p in samples] == [f"sample-{i:03d}-{s['key']}.png" for i, s in enumerate(chosen)]
+    assert chosen[2]["iou"] == report["worst_frames"][0]["iou"]  # the split's worst frame
+    assert chosen[0]["iou"] >= chosen[1]["iou"] >= chosen[2]["iou"]
+    videos = {v for v, _, ann in VIDEOS["v2"] if ann}
+    assert len({s["video"] for s in chosen}) == min(3, len(videos))
     for path in samples:
         assert Image.open(path).size == (frame_layout(SIZE).width, frame_layout(SIZE).height)
     assert Image.open(outs[0] / "pictures" / "worst-frames.png").size == sheet_size(4, SIZE, 2)

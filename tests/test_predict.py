@@ -200,8 +200,20 @@ def test_predict_writes_masks_overlays_video_and_json(tmp_path, checkpoint, mp4,
     with av.open(str(out / "overlay.mp4")) as container:
         assert container.streams.video and container.streams.audio
         pictures = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-        assert len(pictures) == seconds
-        assert container.streams.video[0].average_rate == 1
+        # At the source's frame rate: every frame of the video, the frames between two
+        # predictions (1 per second) with the last prediction's mask and legend.
+        assert len(pictures) == seconds * FPS_IN
+        assert container.streams.video[0].average_rate == FPS_IN
+    assert document["overlay_video"] == {"frames": "source", "frames_per_second": FPS_IN, "frames_written": seconds * FPS_IN}
+    overlays = []
+    for frame in document["frames"]:
+        with Image.open(out / frame["overlay"]) as picture:
+            overlays.append(np.asarray(picture, dtype=np.float32))
+    for index, picture in enumerate(pictures):
+        second = index // FPS_IN  # the synthetic frame of second k is shown for the whole second
+        error = [np.abs(picture[: o.shape[0], : o.shape[1]] - o).mean() for o in overlays]
+        assert error[second] <= min(error) + 1.0, (index, error)  # its own second's overlay (the legend says the time)
+        assert error[second] < 6.0, (index, error[second])  # the H.264 encoding's loss only
     # The original AAC track, copied packet for packet.
     assert audio_packets(out / "overlay.mp4") == audio_packets(mp4)
 
@@ -216,6 +228,15 @@ def test_predict_section_set_and_options(tmp_path, checkpoint, mp4, synth):
     assert [f["time_s"] for f in document["frames"]] == [2.0 * k for k in range((seconds + 1) // 2)]
     written = load_config(tmp_path / "half" / "config.yaml")
     assert (written.predict.frames_per_second, written.predict.batch_size) == (0.5, 3)
+    with av.open(str(tmp_path / "half" / "street" / "overlay.mp4")) as container:  # the source's rate
+        assert len(list(container.decode(video=0))) == seconds * FPS_IN
+
+    # Asked otherwise: one picture per prediction, at the sampling rate.
+    result = run_cli("--checkpoint", str(checkpoint), str(mp4), "--out", str(tmp_path / "sampled"),
+                     "--set", "predict.overlay_video=sampled")
+    assert result.exit_code == 0, result.output
+    with av.open(str(tmp_path / "sampled" / "street" / "overlay.mp4")) as container:
+        assert len(list(container.decode(video=0))) == seconds and container.streams.video[0].average_rate == 1
 
     result = run_cli("--checkpoint", str(checkpoint), str(mp4), "--out", str(tmp_path / "one"),
                      "--set", "predict.frames_per_second=0.5", "-f", "1")
@@ -418,7 +439,7 @@ def test_allow_no_audio_predicts_with_silence_and_says_so(tmp_path, checkpoint, 
         assert mask.size == (65, 47)
     with av.open(str(out / "mute" / "overlay.mp4")) as container:
         assert not container.streams.audio
-        assert len(list(container.decode(video=0))) == 3
+        assert len(list(container.decode(video=0))) == 3 * FPS_IN  # the source's frames
     # The model heard the log-mel of a zero waveform, as evaluation's silent control.
     frames = list(sample_frames(mute, config, allow_no_audio=True))
     _, logmels = model_inputs(frames, LogMelBatcher(model.frontend(), torch.device("cpu")), config)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ddeseg.metrics import SegmentationMeter
 from ddeseg.pipelines.demo import write_report
@@ -60,6 +61,11 @@ class PageReader(HTMLParser):
         super().__init__()
         self.tables: list[dict] = []
         self.images: list[str] = []
+        self.grid_images: list[str] = []  # images inside a <div class="grid">
+        self.sections: dict[str, list[str]] = {}  # h2 title -> the images under it
+        self._div_grid: list[bool] = []
+        self._in_h2 = False
+        self._h2 = ""
         self.links: list[str] = []
         self.loose_text: list[str] = []
         self._table: dict | None = None
@@ -85,12 +91,24 @@ class PageReader(HTMLParser):
         elif tag in ("td", "th"):
             self._cell = []
             self._header_cells += tag == "th"
+        elif tag == "div":
+            self._div_grid.append("grid" in (attrs.get("class") or "").split())
+        elif tag == "h2":
+            self._in_h2, self._h2 = True, ""
         elif tag == "img":
             self.images.append(attrs["src"])
+            if any(self._div_grid):
+                self.grid_images.append(attrs["src"])
+            self.sections.setdefault(self._h2, []).append(attrs["src"])
         elif tag == "a" and not attrs.get("href", "#").startswith("#"):
             self.links.append(attrs["href"])
 
     def handle_endtag(self, tag):
+        if tag == "div":
+            self._div_grid.pop()
+        elif tag == "h2":
+            self._in_h2 = False
+            self.sections.setdefault(self._h2, [])
         if tag in ("style", "title"):
             self._skip -= 1
         elif tag == "table":
@@ -111,6 +129,8 @@ class PageReader(HTMLParser):
             self._row = None
 
     def handle_data(self, data):
+        if self._in_h2:
+            self._h2 += data
         if self._skip:
             return
         if self._cell is not None:
@@ -134,7 +154,10 @@ def table_problems(reader: PageReader, folder: Path) -> list[str]:
     problems = [f"raw table text: {text!r}" for text in reader.loose_text if text.startswith("|")]
     for table in reader.tables:
         problems += [f"{table['caption']}: row {row}" for row in table["rows"] if len(row) != len(table["header"])]
-    problems += [f"missing {src}" for src in reader.images + reader.links if not (folder / src).is_file()]
+    problems += [
+        f"missing {src}" for src in reader.images + reader.links
+        if not ((folder / src).is_dir() if src.endswith("/") else (folder / src).is_file())
+    ]
     return problems
 
 
@@ -160,11 +183,12 @@ def test_the_page_check_catches_a_table_row_printed_as_text(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def tiny_evaluation(out: Path) -> dict:
-    """Two videos of three frames through the real meter, collector and `write_outputs`."""
+def tiny_evaluation(out: Path, control: str = "none", keep: dict[str, str] | None = None) -> tuple[dict, PictureCollector]:
+    """Two videos of three frames through the real meter, collector and `write_outputs` (and the
+    config.yaml that `run_evaluation` writes first). `silent`: the model paints nothing."""
     rng = np.random.default_rng(0)
     meter = SegmentationMeter(len(NAMES))
-    collector = PictureCollector(samples=3, worst=2, videos=4)
+    collector = PictureCollector(samples=3, worst=2, videos=4, keep=keep)
     for video in ("vid_a", "vid_b"):
         target = torch.zeros(3, SIZE, SIZE, dtype=torch.long)
         target[:, 2:8, 2:8] = 1
@@ -172,6 +196,8 @@ def tiny_evaluation(out: Path) -> dict:
         pred = target.clone()
         pred[:, 9:14, 6:10] = 3 if video == "vid_b" else 2  # vid_b paints part of bravo as charlie
         pred[0, 2:8, 2:8] = 0  # the first frame misses alpha
+        if control == "silent":
+            pred[:] = 0
         scores = meter.update(pred, target)
         collector.add(
             [f"v2-{video}-{i:03d}" for i in range(3)], torch.from_numpy(rng.normal(size=(3, 3, SIZE, SIZE))).float(),
@@ -187,16 +213,18 @@ def tiny_evaluation(out: Path) -> dict:
         "confusion": result["confusion"],
         "task": "v2", "split": "test", "binary": False, "num_classes": len(NAMES),
         "checkpoint": "run/best.pt", "checkpoint_format": "ddeseg", "checkpoint_step": 7, "memory_bank": "checkpoint",
-        "audio_control": "none", "audio_control_unchanged_frames": 0,
+        "audio_control": control, "audio_control_unchanged_frames": 0,
         "counts": {"frames": 6, "frames_in_manifest": 6, "pixels": 6 * SIZE * SIZE, "classes_evaluated": 4,
                    "skipped_samples": 0, "world_size": 1},
     }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text("task: v2\n")
     write_outputs(report, collector, out, NAMES)
-    return report
+    return report, collector
 
 
 def test_evaluation_report_has_every_table_row_and_picture(tmp_path):
-    report = tiny_evaluation(tmp_path)
+    report, _ = tiny_evaluation(tmp_path)
     assert json.loads((tmp_path / "eval.json").read_text())["confusion"] == {
         "alpha": {"background": 2 * 6 * 6},  # the first frame of each video misses alpha's 6x6 block
         "bravo": {"charlie": 3 * 5 * 4},  # vid_b paints 5x4 of bravo's 5x9 block as charlie
@@ -211,22 +239,34 @@ def test_evaluation_report_has_every_table_row_and_picture(tmp_path):
     assert len(rows_of(page, "Scores")) == 2
     # 3 sample frames, 2 video strips (best and worst of two; the median is the best), the worst sheet
     assert len(report["samples"]) == 3 and [s["label"] for s in report["video_strips"]] == ["best", "worst"]
-    assert sorted(page.images) == sorted(report["pictures"]) and sorted(page.links) == sorted(report["pictures"])
+    files = ["eval.json", "eval.md", "config.yaml", "pictures/"]
+    assert sorted(page.images) == sorted(report["pictures"]) and sorted(page.links) == sorted(report["pictures"] + files)
+    # the chosen frames in a grid (two per row on the page), every other picture full width
+    assert page.grid_images == [s["picture"] for s in report["samples"]]
+    assert [s["why"] for s in report["samples"]] == ["best", "median", "worst"]
+    assert {s["video"] for s in report["samples"]} == {"vid_a", "vid_b"}  # across videos
     markdown = (tmp_path / "eval.md").read_text()
     assert "| 2 | bravo |" in markdown and "| DDESeg (split-accumulated) |" in markdown
     assert all("![" in markdown and f"]({p})" in markdown for p in report["pictures"])
 
 
 def test_demo_report_has_all_control_rows_curves_and_pictures(tmp_path):
+    from ddeseg.pipelines.demo import write_controls_pictures
+
     out = tmp_path / "demo"
-    report = tiny_evaluation(out / "eval" / "none")
+    report, normal = tiny_evaluation(out / "eval" / "normal")
+    chosen = {s["key"]: s["why"] for s in report["samples"]}
+    collectors = {"none": normal}
+    for control in ("shuffled", "silent"):
+        collectors[control] = tiny_evaluation(out / "eval" / control, control, keep=chosen)[1]
+    report["controls_pictures"] = write_controls_pictures(out, collectors, NAMES)
     (out / "run").mkdir(parents=True)
     records = [{"step": s, "loss": 1.0 / s, "mask_loss": 0.5 / s} for s in range(1, 6)] + [{"step": 5, "split": "val", "miou": 0.4}]
     (out / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     report["controls"] = {"shuffled": {"miou": 0.2, "fscore": 0.3, "avsbench_miou": 0.1},
                           "silent": {"miou": 0.1061, "fscore": 0.2, "avsbench_miou": 0.05}}
     report["demo"] = {
-        "plan": {"videos": 2, "classes": 3}, "train": {"steps": 5}, "timings_s": {"train": 1.0, "total": 2.0},
+        "plan": {"videos": 2, "classes": 3, "seed": 0}, "train": {"steps": 5}, "timings_s": {"train": 1.0, "total": 2.0},
         "audio_classifier": {"split": "val", "single_source_top1": 0.5, "micro_f1": 0.4},
     }
     write_report(out, report)
@@ -236,7 +276,17 @@ def test_demo_report_has_all_control_rows_curves_and_pictures(tmp_path):
     assert [row[0] for row in controls] == ["normal", "shuffled", "silent"]
     assert controls[2][1] == "0.1061" and controls[2][4] == f"{0.1061 - report['miou']:+.4f}"
     assert "loss.png" in page.images and len(rows_of(page, "Per class")) == len(NAMES)
-    assert {p for p in page.images if p.startswith("pictures/")} == set(report["pictures"])
+    # the normal evaluation's chosen frames are shown once, each under the three audio conditions
+    compared = page.sections["Frames under the three audio conditions"]
+    assert compared == [c["picture"] for c in report["controls_pictures"]] and len(compared) == 3
+    assert [c["key"] for c in report["controls_pictures"]] == list(chosen)
+    for entry in report["controls_pictures"]:
+        assert list(entry["iou"]) == ["normal", "shuffled", "silent"] and entry["iou"]["silent"] < entry["iou"]["normal"]
+        with Image.open(out / entry["picture"]) as picture:
+            assert picture.width == 5 * 192 + 4 * 4  # image | ground truth | normal | shuffled | silent
+    assert not any(p.startswith("pictures/sample-") for p in page.images)  # not twice
+    assert {"eval/normal/eval.html", "eval/shuffled/eval.html", "eval/silent/eval.html", "eval/silent/eval.json"} <= set(page.links)
+    assert "none" not in " ".join(page.loose_text) + " ".join(page.links)  # "normal", never "none"
     markdown = (out / "report.md").read_text()
     assert markdown.count("| silent | 0.1061 |") == 1 and "![" in markdown
 

@@ -50,7 +50,7 @@ def test_the_stage_sections_hold_the_options_defaults_of_before():
         "silence_row": False, "allow_missing_classes": False, "missing_fill": "global_mean", "batch_size": 64,
     }  # fmt: skip
     assert config["eval"] == {"split": "test", "pictures": 16, "worst_frames": 16, "audio_control": "none"}
-    assert config["predict"] == {"frames_per_second": 1.0, "batch_size": 8, "allow_no_audio": False}
+    assert config["predict"] == {"frames_per_second": 1.0, "batch_size": 8, "allow_no_audio": False, "overlay_video": "source"}
 
 
 def test_an_option_beats_set_which_beats_the_file_which_beats_the_default(tmp_path):
