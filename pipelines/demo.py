@@ -36,7 +36,7 @@ from ddeseg.progress import console
 from ddeseg.stage import ConfigSource, RunOptions, write_stage_config
 
 if TYPE_CHECKING:
-    from ddeseg.pipelines.evaluate import PictureCollector
+    from ddeseg.picture_choice import PictureCollector
 
 CONTROLS = ("shuffled", "silent")
 PICTURES = 8  # frames drawn under the three audio conditions (2 best, 2 median, 2 worst, 2 random)
@@ -161,8 +161,9 @@ def run_demo(
     `run.overwrite` (the default) replaces an earlier demo's folders in `out`; training and the
     audio pretraining run on the CPU (the demo's numbers are the same on any machine)."""
     from ddeseg.distributed import DistributedContext
+    from ddeseg.picture_choice import PictureCollector
     from ddeseg.pipelines.build_memory_bank import MemoryBankPaths, build_memory_bank
-    from ddeseg.pipelines.evaluate import EvaluatePaths, PictureCollector, run_evaluation
+    from ddeseg.pipelines.evaluate import EvaluatePaths, run_evaluation
     from ddeseg.pipelines.prepare import PreparePaths, prepare
     from ddeseg.pipelines.pretrain_audio import PretrainAudioPaths, pretrain_audio
     from ddeseg.pipelines.train import TrainRequest, train

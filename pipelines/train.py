@@ -59,9 +59,9 @@ from ddeseg.errors import DDESegError
 from ddeseg.fileio import reporting_disk_full, write_bytes_atomic
 from ddeseg.losses import SegmentationLoss
 from ddeseg.models import build_model, load_checkpoint
-from ddeseg.pipelines.evaluate import evaluate_model
 from ddeseg.progress import console, training_progress
 from ddeseg.runlock import writer_lock
+from ddeseg.scoring import evaluate_model
 from ddeseg.training.checkpoint import FORMAT, load_training_checkpoint, restore_rng_state
 from ddeseg.training.memory_plan import (
     BATCHNORM_NOTE,

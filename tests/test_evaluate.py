@@ -21,6 +21,7 @@ from PIL import Image
 from typer.testing import CliRunner
 from webdataset import TarWriter
 
+from ddeseg.audio_controls import AudioControl, silent_logmel
 from ddeseg.classes import avss_palette
 from ddeseg.cli.app import app
 from ddeseg.config import Config, load_config, to_dict
@@ -30,13 +31,8 @@ from ddeseg.distributed import DistributedContext
 from ddeseg.errors import DDESegError
 from ddeseg.metrics import AVSBenchBinaryMeter, SegmentationMeter, foreground_logits, predicted_labels
 from ddeseg.models import build_model
-from ddeseg.pipelines.evaluate import (
-    AudioControl,
-    PictureCollector,
-    evaluate_model,
-    silent_logmel,
-    video_frame_ids,
-)
+from ddeseg.picture_choice import PictureCollector
+from ddeseg.scoring import evaluate_model, video_frame_ids
 from ddeseg.training.checkpoint import FORMAT, atomic_torch_save
 from ddeseg.visualize import (
     FramePicture,

@@ -20,6 +20,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from ddeseg.audio import LogMelBatcher, fit_length
+from ddeseg.audio_controls import silent_logmel
 from ddeseg.classes import AVSS_CLASSES
 from ddeseg.cli.app import app
 from ddeseg.config import Config, load_config, to_dict
@@ -31,7 +32,6 @@ from ddeseg.errors import DDESegError
 from ddeseg.inference import resolve_class_names
 from ddeseg.metrics import predicted_labels
 from ddeseg.models import build_model
-from ddeseg.pipelines.evaluate import silent_logmel
 from ddeseg.pipelines.records import AudioSpec
 from ddeseg.pipelines.sources.common import read_audio
 from ddeseg.segment import classes_present, labels_at_size, model_inputs, predict_video

@@ -14,9 +14,11 @@ import torch
 from PIL import Image
 
 from ddeseg.metrics import SegmentationMeter
+from ddeseg.picture_choice import PictureCollector
 from ddeseg.pipelines.demo import write_report
-from ddeseg.pipelines.evaluate import PictureCollector, class_entries, write_outputs
+from ddeseg.pipelines.evaluate import write_outputs
 from ddeseg.report import confusion_summary
+from ddeseg.scoring import class_entries
 
 NAMES = ["background", "alpha", "bravo", "charlie"]
 SIZE = 16

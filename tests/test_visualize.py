@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from ddeseg.classes import AVSS_CLASSES, display_palette, readable_palette
-from ddeseg.pipelines.evaluate import PictureCollector
+from ddeseg.picture_choice import PictureCollector
 from ddeseg.visualize import (
     AUDIO_STRIP_PX,
     GAP_PX,
