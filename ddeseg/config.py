@@ -150,7 +150,7 @@ class LossConfig:
 @dataclass
 class TrainConfig:
     steps: int = 1000
-    # The learning-rate schedule (ddeseg.training.recipe): `official` is the official scheduler's
+    # The learning-rate schedule (ddeseg.training.schedule): `official` is the official scheduler's
     # per-step sequence (warm-up from 0, a cosine over all steps restarted at the warm-up's end);
     # `warmup_cosine` is ours (warm-up from warmup_lr, then a cosine ending exactly at min_lr).
     schedule: str = "warmup_cosine"
@@ -338,7 +338,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")  # train.precision; autocast (ddeseg.train
 # The model parts `train.activation_checkpointing` may name (`DDESeg.set_activation_checkpointing`).
 CHECKPOINT_PARTS = ("visual_stages", "visual_blocks", "aligners", "head")
 TRAINING_KEY_CHOICES: dict[str, tuple[str, ...]] = {
-    "train.schedule": ("official", "warmup_cosine"),  # ddeseg.training.recipe's schedules
+    "train.schedule": ("official", "warmup_cosine"),  # ddeseg.training.schedule's schedules
     "train.on_nonfinite": ("stop", "skip"),  # a non-finite loss or gradient: stop, or skip the step
 }
 

@@ -25,7 +25,7 @@ from ddeseg.classes import AVSS_CLASSES, VPO_CLASSES
 from ddeseg.config import Config, config_from_dict, load_config
 from ddeseg.data.shards import read_classes_file, task_class_names
 from ddeseg.errors import CheckpointError, DataError, DDESegError
-from ddeseg.training.checkpoint import FORMAT
+from ddeseg.training.checkpoint import FORMAT, is_training_checkpoint, stored_config
 
 
 @dataclass
@@ -77,7 +77,7 @@ def load_for_inference(
 
     path = Path(checkpoint)
     payload = read_checkpoint_file(path)
-    ours = isinstance(payload, dict) and payload.get("format") == FORMAT
+    ours = is_training_checkpoint(payload)
     resolved, config_source = _checkpoint_config(path, payload, config, overrides)
     bank = None
     if memory_bank is not None:
@@ -139,8 +139,8 @@ def _checkpoint_config(
     """(config, where it came from) for the checkpoint `payload` read from `path`."""
     if config is not None:
         return load_config(config, list(overrides)), str(config)
-    if isinstance(payload, dict) and payload.get("format") == FORMAT:
-        return config_from_dict(payload["config"], list(overrides)), "the config stored in it"
+    if is_training_checkpoint(payload):
+        return config_from_dict(stored_config(payload), list(overrides)), "the config stored in it"
     raise DDESegError(
         f"{path} is not a ddeseg training checkpoint (no config inside): pass --config CFG.yaml"
         " with the model it was trained with (e.g. configs/v2.yaml for an official v2 checkpoint)"

@@ -12,7 +12,7 @@ benchmarks are; the classifier still learns each class's sound from the many cle
 Output: `RUN_DIR/audio.pt`, a bare HTS-AT state dict under `state_dict` (what
 `ddeseg.models.load_checkpoint` reads as format `htsat`), with `classes`, `config`, the final
 validation metrics and the RNG state beside it (written as `train`'s checkpoints are, by
-`ddeseg.training.recipe`, which also gives the schedule); `RUN_DIR/metrics.jsonl`, `RUN_DIR/config.yaml`.
+`ddeseg.training.checkpoint.save_training_checkpoint`; the schedule is `ddeseg.training.schedule`'s); `RUN_DIR/metrics.jsonl`, `RUN_DIR/config.yaml`.
 
 Log-mels come from the shards (precomputed by `prepare`) and are held in memory as float16:
 about 11 KB a clip, 0.5 GB for all of AVSS.
@@ -40,8 +40,10 @@ from ddeseg.errors import DataError
 from ddeseg.models import build_model
 from ddeseg.progress import console, stage_progress, training_progress
 from ddeseg.stage import RunOptions, write_stage_config
-from ddeseg.training.recipe import check_run_dir, save_training_checkpoint, warmup_cosine_lr
+from ddeseg.training.checkpoint import save_training_checkpoint
+from ddeseg.training.run_info import check_run_dir
 from ddeseg.training.run_log import RunLog
+from ddeseg.training.schedule import warmup_cosine_lr
 
 AUDIO_CHECKPOINT_FORMAT = "ddeseg-audio-1"
 

@@ -62,7 +62,15 @@ from ddeseg.models import build_model, load_checkpoint
 from ddeseg.progress import console, training_progress
 from ddeseg.runlock import writer_lock
 from ddeseg.scoring import evaluate_model
-from ddeseg.training.checkpoint import FORMAT, load_training_checkpoint, restore_rng_state
+from ddeseg.training.checkpoint import (
+    check_resumable,
+    load_training_checkpoint,
+    restore_training_state,
+    save_training_checkpoint,
+    stored_batch_plan,
+    stored_config,
+    training_payload,
+)
 from ddeseg.training.memory_plan import (
     BATCHNORM_NOTE,
     MemoryPlan,
@@ -72,15 +80,16 @@ from ddeseg.training.memory_plan import (
     plan,
 )
 from ddeseg.training.precision import autocast, run_precision
-from ddeseg.training.recipe import (
+from ddeseg.training.run_info import (
+    LOG_FILE,
+    ConsoleCopy,
     check_run_dir,
     clear_run_outputs,
-    epoch_schedule,
-    save_training_checkpoint,
-    scheduled_lr,
+    record_inputs,
+    write_run_info,
 )
-from ddeseg.training.run_info import LOG_FILE, ConsoleCopy, record_inputs, write_run_info
 from ddeseg.training.run_log import RunLog
+from ddeseg.training.schedule import epoch_schedule, scheduled_lr
 from ddeseg.units import parse_bytes
 
 # What a run folder holds of a run (a second `train` into it needs --resume or --overwrite), and
@@ -299,13 +308,9 @@ def check_inputs(config: Config, request: TrainRequest, context: DistributedCont
     payload = None
     if request.resume_path is not None:
         payload = load_training_checkpoint(request.resume_path)
-        if "optimizer" not in payload:
-            raise DDESegError(
-                f"--resume {request.resume_path}: holds the weights only (best.pt is written without the optimizer"
-                " state); resume from last.pt (--resume latest), or start from these weights with --init"
-            )
+        check_resumable(payload, request.resume_path)
         reuse_batch_plan(config, payload, context.world_size, request.resume_path)
-        check_resume_config(payload.get("config") or {}, config, request.resume_path)
+        check_resume_config(stored_config(payload), config, request.resume_path)
     label_lut = index.label_lut(config.task, config.model.num_classes)
     return TrainInputs(index, train_shards, val_shards, label_lut, steps_per_epoch, bank, payload)
 
@@ -314,7 +319,7 @@ def reuse_batch_plan(config: Config, payload: dict[str, Any], world_size: int, c
     """On --resume: the run's micro-batch and accumulation, as its checkpoint stores them
     (`batch_plan`), into `config`; never planned again (another budget or plan would change the
     micro-batches, and BatchNorm sees each one). The configured batch and ranks must be the run's."""
-    stored = payload.get("batch_plan")
+    stored = stored_batch_plan(payload)
     if not stored:
         return  # a checkpoint from before batch plans: its config holds the micro-batch
     batch = configured_batch(config, world_size)
@@ -470,13 +475,9 @@ def plan_memory(run: Run) -> None:
 def restore_run(run: Run, payload: dict[str, Any]) -> None:
     """Continue from a training checkpoint: weights, optimizer, schedule, scaler, step, best
     and this rank's RNG state."""
-    run.model.load_state_dict(payload["model"])
-    run.optimizer.load_state_dict(payload["optimizer"])
-    run.scheduler.load_state_dict(payload["lr_scheduler"])
-    run.scaler.load_state_dict(payload["scaler"])
-    run.step, run.best = int(payload["step"]), dict(payload["best"])
-    rng = payload["rng"]
-    restore_rng_state(rng[run.context.rank] if isinstance(rng, list) else rng)
+    run.step, run.best = restore_training_state(
+        payload, run.model, run.optimizer, run.scheduler, run.scaler, run.context.rank
+    )
     if run.context.is_main:
         console.print(f"[bold]resumed[/] from {run.request.resume_path} at step {run.step}")
 
@@ -740,28 +741,25 @@ def save_checkpoint(run: Run, name: str) -> None:
     """RUN_DIR/`name` (a collective: call it on every rank; rank 0 writes)."""
     save_training_checkpoint(
         run.request.out_dir / name,
-        {
-            "format": FORMAT,
-            "model": run.model.state_dict(),
-            "optimizer": run.optimizer.state_dict(),
-            "lr_scheduler": run.scheduler.state_dict(),
-            "scaler": run.scaler.state_dict(),
-            "step": run.step,
-            "epoch": run.step // run.inputs.steps_per_epoch,
-            "miou": run.best["miou"],
-            "fscore": run.best["fscore"],
-            "best": run.best,
-            "config": to_dict(run.config),
-            "classes": run.inputs.index.class_names(),
+        training_payload(
+            model=run.model.state_dict(),
+            optimizer=run.optimizer.state_dict(),
+            lr_scheduler=run.scheduler.state_dict(),
+            scaler=run.scaler.state_dict(),
+            step=run.step,
+            epoch=run.step // run.inputs.steps_per_epoch,
+            best=run.best,
+            config=to_dict(run.config),
+            classes=run.inputs.index.class_names(),
             # The micro-batch and accumulation this run steps with: --resume reuses them.
-            "batch_plan": {
+            batch_plan={
                 "micro_batch": run.config.data.batch_size,
                 "grad_accum": run.config.train.grad_accum,
                 "world_size": run.context.world_size,
                 "batch": configured_batch(run.config, run.context.world_size),
                 "gpu_memory": run.config.train.gpu_memory,
             },
-        },
+        ),
         run.context,
     )
 

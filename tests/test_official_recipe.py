@@ -28,7 +28,7 @@ from ddeseg.losses import SegmentationLoss
 from ddeseg.models import build_model
 from ddeseg.models.reference import SCALE, fill_reference_weights
 from ddeseg.pipelines.train import Run, build_optimizer, build_scheduler, learning_rate_factor, train_step
-from ddeseg.training.recipe import epoch_schedule
+from ddeseg.training.schedule import epoch_schedule
 
 PAPER_CONFIGS = ("v1s", "v1m", "v2", "VPO-SS", "VPO-MS", "VPO-MSMI")
 

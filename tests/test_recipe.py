@@ -15,7 +15,9 @@ from ddeseg.config import load_config
 from ddeseg.distributed import DistributedContext
 from ddeseg.errors import DDESegError
 from ddeseg.pipelines.train import TrainRequest, build_run, check_inputs, train_step
-from ddeseg.training.recipe import check_run_dir, save_training_checkpoint, warmup_cosine_lr
+from ddeseg.training.checkpoint import save_training_checkpoint
+from ddeseg.training.run_info import check_run_dir
+from ddeseg.training.schedule import warmup_cosine_lr
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,7 +116,7 @@ def test_functions_of_the_library_and_the_stages_are_short():
     files = sorted([*(REPO / "ddeseg").rglob("*.py"), *(REPO / "pipelines").rglob("*.py")])
     names = {path.relative_to(REPO).as_posix() for path in files}
     # A wrong folder would find no module and pass vacuously; these must be among those checked.
-    assert {"pipelines/train.py", "pipelines/evaluate.py", "pipelines/prepare.py", "ddeseg/training/recipe.py",
+    assert {"pipelines/train.py", "pipelines/evaluate.py", "pipelines/prepare.py", "ddeseg/training/schedule.py",
             "ddeseg/segment.py", "ddeseg/metrics.py"} <= names, names
     offenders = [found for path in files for found in long_functions(path, 80)]
     assert offenders == [], offenders

@@ -1,19 +1,24 @@
-"""Training checkpoints: atomic writes, and loading with `torch.load(weights_only=True)`.
+"""The training checkpoint format, and the only module that knows its keys: building the
+payload (`training_payload`), writing it (`save_training_checkpoint`: atomic, mode 0644, every
+rank's RNG state), reading it (`load_training_checkpoint`, `torch.load(weights_only=True)`),
+recognising it (`is_training_checkpoint`) and restoring a run from it (`restore_training_state`).
 
 A ddeseg training checkpoint is a superset of the official one, so the official code's
 `checkpoint['model']` still finds the weights:
 
     {'format': 'ddeseg-train-1', 'model': state_dict (memory bank included), 'optimizer',
      'lr_scheduler', 'scaler', 'step', 'epoch', 'miou', 'fscore', 'config': plain dict,
-     'classes': [names], 'rng': {...}, 'best': {...}}
+     'classes': [names], 'rng': {...}, 'best': {...}, 'batch_plan': {...}}
 
-Everything in it is a tensor or a plain Python container, so it loads with
+`best.pt` (`WEIGHTS_ONLY`) is written without `RESUME_STATE` (what only `--resume` from last.pt
+needs). Everything in it is a tensor or a plain Python container, so it loads with
 `weights_only=True` (no pickled objects; a checkpoint from someone else cannot run code).
 """
 
 from __future__ import annotations
 
 import io
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -21,7 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddeseg.errors import CheckpointError
+from ddeseg.distributed import DistributedContext
+from ddeseg.errors import CheckpointError, DDESegError
 from ddeseg.fileio import write_bytes_atomic
 
 FORMAT = "ddeseg-train-1"
@@ -93,3 +99,110 @@ def load_training_checkpoint(path: str | Path, map_location: str | torch.device 
             " to start from official or backbone weights use the model loader instead"
         )
     return payload
+
+
+RESUME_STATE = ("optimizer", "lr_scheduler", "scaler", "rng")
+WEIGHTS_ONLY = ("best.pt",)
+CHECKPOINT_MODE = 0o644  # readable by the group and others, as other outputs (mkstemp makes 0600)
+
+
+def save_training_checkpoint(path: Path, payload: dict[str, Any], context: DistributedContext | None = None) -> None:
+    """Write `payload` plus `rng` atomically to `path` (the main rank writes), mode 0644.
+
+    Every rank's RNG state is gathered (a collective: call it on every rank) so that a resumed
+    multi-rank run continues each rank's stream; `rng` is that list under torchrun and the one
+    state otherwise. A file named in `WEIGHTS_ONLY` (best.pt) is written without `RESUME_STATE`.
+    """
+    context = context or DistributedContext()
+    rng_states = _gather_objects(capture_rng_state(), context)
+    if context.is_main:
+        payload = {**payload, "rng": rng_states if context.is_distributed else rng_states[0]}
+        if Path(path).name in WEIGHTS_ONLY:
+            payload = {key: value for key, value in payload.items() if key not in RESUME_STATE}
+        atomic_torch_save(payload, path)
+        os.chmod(path, CHECKPOINT_MODE)
+
+
+def _gather_objects(value: Any, context: DistributedContext) -> list[Any]:
+    if not context.is_distributed:
+        return [value]
+    gathered: list[Any] = [None] * context.world_size
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
+def training_payload(
+    *,
+    model: dict[str, Any],
+    optimizer: dict[str, Any],
+    lr_scheduler: dict[str, Any],
+    scaler: dict[str, Any],
+    step: int,
+    epoch: int,
+    best: dict[str, Any],
+    config: dict[str, Any],
+    classes: list[str],
+    batch_plan: dict[str, Any],
+) -> dict[str, Any]:
+    """A training checkpoint's payload (the RNG state is added by `save_training_checkpoint`):
+    state dicts, the step and epoch, the best validation result (also as the official top-level
+    `miou`/`fscore`), the resolved config as a plain dict, the class names and the batch plan
+    (micro-batch, accumulation, ranks: `--resume` keeps them)."""
+    return {
+        "format": FORMAT,
+        "model": model,
+        "optimizer": optimizer,
+        "lr_scheduler": lr_scheduler,
+        "scaler": scaler,
+        "step": step,
+        "epoch": epoch,
+        "miou": best["miou"],
+        "fscore": best["fscore"],
+        "best": best,
+        "config": config,
+        "classes": classes,
+        "batch_plan": batch_plan,
+    }
+
+
+def is_training_checkpoint(payload: Any) -> bool:
+    """A payload of ours (`FORMAT`), as opposed to an official or backbone checkpoint."""
+    return isinstance(payload, dict) and payload.get("format") == FORMAT
+
+
+def check_resumable(payload: dict[str, Any], path: str | Path) -> None:
+    """`--resume` needs the optimizer state, which `best.pt` does not keep."""
+    if any(key not in payload for key in RESUME_STATE):
+        raise DDESegError(
+            f"--resume {path}: holds the weights only (best.pt is written without the optimizer"
+            " state); resume from last.pt (--resume latest), or start from these weights with --init"
+        )
+
+
+def restore_training_state(
+    payload: dict[str, Any],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+    scaler: Any,
+    rank: int,
+) -> tuple[int, dict[str, Any]]:
+    """Load weights, optimizer, schedule and scaler state, and this rank's RNG state, from a
+    training checkpoint; returns its step and best validation result."""
+    model.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    lr_scheduler.load_state_dict(payload["lr_scheduler"])
+    scaler.load_state_dict(payload["scaler"])
+    rng = payload["rng"]
+    restore_rng_state(rng[rank] if isinstance(rng, list) else rng)
+    return int(payload["step"]), dict(payload["best"])
+
+
+def stored_config(payload: dict[str, Any]) -> dict[str, Any]:
+    """The resolved config a training checkpoint stores (a plain dict; empty if none)."""
+    return payload.get("config") or {}
+
+
+def stored_batch_plan(payload: dict[str, Any]) -> dict[str, Any] | None:
+    """The batch plan a training checkpoint stores (None before batch plans)."""
+    return payload.get("batch_plan")

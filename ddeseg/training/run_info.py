@@ -10,6 +10,8 @@
   line, ddeseg version, git commit of the checkout ddeseg runs from (null when installed from a
   wheel), Python and torch versions, and the start-up table as text.
 - `ConsoleCopy`: a plain-text copy of what the run prints (`RUN_DIR/train.log`).
+- `check_run_dir`, `clear_run_outputs`: the run folder checks made before any work (not a file;
+  an existing run is only continued with `--resume` or replaced with `--overwrite`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import datetime
 import hashlib
 import io
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -199,3 +202,42 @@ class ConsoleCopy:
             del self.console.print  # back to the class's method
         if ConsoleCopy.active is self:
             ConsoleCopy.active = None
+
+
+def check_run_dir(
+    out_dir: Path,
+    *,
+    outputs: Sequence[str] = (),
+    resume: bool = False,
+    overwrite: bool = False,
+) -> None:
+    """Refuse, before any work, an `--out` that is a file, and a run folder that already holds
+    one of `outputs` unless the user asked to continue (`resume`) or replace (`overwrite`) it."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DDESegError(f"--out {out_dir} is a file, not a run directory: choose a folder path")
+    if resume and overwrite:
+        raise DDESegError("--resume and --overwrite contradict each other: continue the run or replace it, not both")
+    if resume or overwrite:
+        return
+    found = [name for name in outputs if (out_dir / name).exists()]
+    if found:
+        raise DDESegError(
+            f"--out {out_dir} already holds a run ({', '.join(found)}): continue it with --resume latest,"
+            " replace it with --overwrite, or choose another --out"
+        )
+
+
+def clear_run_outputs(out_dir: Path, outputs: Sequence[str]) -> None:
+    """Remove a previous run's `outputs` (files or folders) from `out_dir` (`--overwrite`), so
+    nothing of it (a stale best.pt, its skipped-sample reports) is mistaken for the new run's."""
+    for name in outputs:
+        path = out_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+# What only resuming needs. `best.pt` is for evaluating, predicting and `--init`: it is written
+# without them (AdamW's two moments are twice the weights: 60 MB -> about 20 MB for the demo
+# model); `last.pt` keeps them for `--resume`.

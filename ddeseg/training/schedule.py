@@ -1,33 +1,20 @@
-"""What the two training recipes (`ddeseg train`, `ddeseg pretrain-audio`) share.
+"""The learning-rate schedules of the two training recipes (`ddeseg train`, `ddeseg
+pretrain-audio`), each a pure function of the global step (so a resumed run gets the same tail):
+`official_lr` (the official DDESeg scheduler, quirks included) and `warmup_cosine_lr` (ours:
+linear warm-up, then cosine to exactly `min_lr`); `train.schedule` picks one (`SCHEDULES`),
+`scheduled_lr` applies the choice, `epoch_schedule` turns a schedule in epochs into steps as the
+chosen schedule does.
 
-- the learning-rate schedules, each a pure function of the global step (so a resumed run gets the
-  same tail): `official_lr` (the official DDESeg scheduler, quirks included) and
-  `warmup_cosine_lr` (ours: linear warm-up, then cosine to exactly `min_lr`); `train.schedule`
-  picks one (`SCHEDULES`), `scheduled_lr` applies the choice, `epoch_schedule` turns a schedule in
-  epochs into steps as the chosen schedule does.
-- `check_run_dir`: the run folder checks made before any work (not a file; an existing run is
-  only continued with `--resume` or replaced with `--overwrite`).
-- `save_training_checkpoint`: the atomic checkpoint write with every rank's RNG state (mode 0644;
-  best.pt without the optimizer state, which only `--resume` from last.pt needs).
-
-The metrics log both write is `ddeseg.training.run_log.RunLog`.
+The run folder is `ddeseg.training.run_info`'s, the checkpoint `ddeseg.training.checkpoint`'s and
+the metrics log `ddeseg.training.run_log.RunLog`.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import shutil
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
-
-import torch
 
 from ddeseg.config import TRAINING_KEY_CHOICES, TrainConfig
-from ddeseg.distributed import DistributedContext
 from ddeseg.errors import DDESegError
-from ddeseg.training.checkpoint import atomic_torch_save, capture_rng_state
 
 # `train.schedule` values (the config checks them): the official scheduler's sequence, and ours.
 SCHEDULES = TRAINING_KEY_CHOICES["train.schedule"]
@@ -115,70 +102,3 @@ def warmup_cosine_lr(
         return warmup_lr + (base_lr - warmup_lr) * progress
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def check_run_dir(
-    out_dir: Path,
-    *,
-    outputs: Sequence[str] = (),
-    resume: bool = False,
-    overwrite: bool = False,
-) -> None:
-    """Refuse, before any work, an `--out` that is a file, and a run folder that already holds
-    one of `outputs` unless the user asked to continue (`resume`) or replace (`overwrite`) it."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DDESegError(f"--out {out_dir} is a file, not a run directory: choose a folder path")
-    if resume and overwrite:
-        raise DDESegError("--resume and --overwrite contradict each other: continue the run or replace it, not both")
-    if resume or overwrite:
-        return
-    found = [name for name in outputs if (out_dir / name).exists()]
-    if found:
-        raise DDESegError(
-            f"--out {out_dir} already holds a run ({', '.join(found)}): continue it with --resume latest,"
-            " replace it with --overwrite, or choose another --out"
-        )
-
-
-def clear_run_outputs(out_dir: Path, outputs: Sequence[str]) -> None:
-    """Remove a previous run's `outputs` (files or folders) from `out_dir` (`--overwrite`), so
-    nothing of it (a stale best.pt, its skipped-sample reports) is mistaken for the new run's."""
-    for name in outputs:
-        path = out_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
-
-
-# What only resuming needs. `best.pt` is for evaluating, predicting and `--init`: it is written
-# without them (AdamW's two moments are twice the weights: 60 MB -> about 20 MB for the demo
-# model); `last.pt` keeps them for `--resume`.
-RESUME_STATE = ("optimizer", "lr_scheduler", "scaler", "rng")
-WEIGHTS_ONLY = ("best.pt",)
-CHECKPOINT_MODE = 0o644  # readable by the group and others, as other outputs (mkstemp makes 0600)
-
-
-def save_training_checkpoint(path: Path, payload: dict[str, Any], context: DistributedContext | None = None) -> None:
-    """Write `payload` plus `rng` atomically to `path` (the main rank writes), mode 0644.
-
-    Every rank's RNG state is gathered (a collective: call it on every rank) so that a resumed
-    multi-rank run continues each rank's stream; `rng` is that list under torchrun and the one
-    state otherwise. A file named in `WEIGHTS_ONLY` (best.pt) is written without `RESUME_STATE`.
-    """
-    context = context or DistributedContext()
-    rng_states = _gather_objects(capture_rng_state(), context)
-    if context.is_main:
-        payload = {**payload, "rng": rng_states if context.is_distributed else rng_states[0]}
-        if Path(path).name in WEIGHTS_ONLY:
-            payload = {key: value for key, value in payload.items() if key not in RESUME_STATE}
-        atomic_torch_save(payload, path)
-        os.chmod(path, CHECKPOINT_MODE)
-
-
-def _gather_objects(value: Any, context: DistributedContext) -> list[Any]:
-    if not context.is_distributed:
-        return [value]
-    gathered: list[Any] = [None] * context.world_size
-    torch.distributed.all_gather_object(gathered, value)
-    return gathered
