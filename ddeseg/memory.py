@@ -25,10 +25,12 @@ tracking every allocation: `torch.cuda.max_memory_allocated` on CUDA, the profil
 events on the CPU (`torch.profiler`, `profile_memory=True`: every tensor the CPU allocator hands
 out, kernel workspaces included). Transient = the measured peak above the saved tensors (and the
 segment rebuilt), separately for the forward and the backward pass, each a line in the
-micro-batch; the plan takes the larger. Without it the plan was 1.09-1.19x below the peak RSS of
-a CPU step of configs/v2.yaml (224 px, micro-batches 1 and 2): at micro-batch 1 the head's
-1x1-convolution backward holds two 147 MiB buffers, at 2 the loss holds a one-hot int64 target
-and the softmax beside the saved tensors (`benchmarks/bench_memory.py` prints the ratios).
+micro-batch; the plan takes the larger. Without it the peak RSS growth of a CPU step of
+configs/v2.yaml (224 px) was 1.16x (micro-batch 1) and 1.04x (2) the planned activations, with
+it 1.02x and 0.97x (`benchmarks/bench_memory.py`): at micro-batch 1 the head's 1x1-convolution
+backward holds two 147 MiB buffers, at 2 the loss holds a one-hot int64 target and the softmax
+beside the saved tensors. On the tiny config the frozen audio forward (a 256 x 256 spectrogram)
+outweighs the saved tensors several times over.
 
 Not in the plan (keep the headroom `choose_micro_batch` leaves, 10% by default): allocator
 fragmentation and caching, the CUDA context, the optimizer step's own temporaries (after the
