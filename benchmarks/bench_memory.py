@@ -6,15 +6,23 @@ aligners, head):
   segment rebuilt during the backward pass;
 - the planned peak of one step at the official batch of 50 per GPU (no accumulation);
 - the largest micro-batch (and accumulation keeping batch 50) for 24 / 40 / 80 GiB budgets;
+- the transient bytes above the saved tensors at micro-batch 1 and 2 (measured steps:
+  `ddeseg.training.memory_plan.measure_step_peak`, the profiler's allocation events on the CPU);
 - the CPU time of one float32 training step per sample with vs without checkpointing (the
-  recompute cost, as a ratio measured in this run);
+  recompute cost, as a ratio measured in this run; one step each, the model already warm);
 - the plan against reality: the peak RSS growth of one float32 training step (fresh process,
   gradients preallocated, RSS sampled every 2 ms) at micro-batch 1 and 2, over the planned
-  activation bytes (kept + recompute).
+  activation bytes without the transient term (the plan before it) and with it. The children
+  run with glibc's mmap threshold fixed at 128 KiB (`MALLOC_MMAP_THRESHOLD_`), so that every
+  tensor is returned to the system when freed and RSS follows the live bytes: by default glibc
+  raises the threshold after each large free (up to 32 MiB) and keeps later tensors in its heap,
+  which ones depending on thread timing (the same micro-batch-2 step measured 3.12 and 3.68 GiB
+  in two runs). `--default-malloc` measures without it.
 
     python benchmarks/bench_memory.py [--config v2] [--image-size 224] [--threads 2] [--skip-rss]
+                                      [--rss-only] [--json out.json]
 
-A few minutes on 2 CPU cores (the paper model keeps ~1.4 GiB of activations per sample in
+About 4 minutes on 2 idle CPU cores (the paper model keeps ~1.4 GiB of activations per sample in
 float32). bf16 is measured with CPU autocast, whose op lists are those of CUDA autocast for the
 layers that matter here (linear, conv, matmul, attention).
 """
@@ -96,24 +104,30 @@ def rss_child(config_name: str, image_size: int, micro_batch: int) -> None:
     print(json.dumps({"growth": max(peak[0], _rss_bytes()) - baseline}))
 
 
-def _plan_vs_rss(args, fp32) -> None:
-    """Peak RSS growth of one float32 step (fresh process) at micro-batch 1 and 2 vs the plan."""
-    print("\nplan vs reality (fp32, no checkpointing; fresh process per micro-batch):")
-    growths = {}
-    for micro in (1, 2):
+def plan_vs_rss(args, fp32, micro_batches: tuple[int, ...] = (1, 2)) -> list[dict]:
+    """Peak RSS growth of one float32 step (fresh process per micro-batch) against the planned
+    activations, without the transient term (the plan before it) and with it."""
+    malloc = "glibc default" if args.default_malloc else "mmap threshold 128 KiB"
+    print(f"\nplan vs reality (fp32, no checkpointing; fresh process per micro-batch, {malloc}):")
+    print("| micro-batch | peak RSS growth | planned kept | ratio, without transient | planned kept + transient | ratio |")
+    print("|---|---|---|---|---|---|")
+    rows = []
+    env = dict(os.environ) if args.default_malloc else {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+    for micro in micro_batches:
         output = subprocess.run(
             [sys.executable, __file__, "--config", args.config, "--image-size", str(args.image_size),
              "--threads", str(args.threads), "--rss-child", str(micro)],
-            check=True, capture_output=True, text=True,
+            check=True, capture_output=True, text=True, env=env,
         ).stdout
         growth = json.loads(output.strip().splitlines()[-1])["growth"]
-        planned, growths[micro] = fp32.kept_bytes(micro), growth
-        print(f"  micro-batch {micro}: peak RSS growth {format_bytes(growth)}, planned activations "
-              f"{format_bytes(planned)}: ratio {growth / planned:.2f}")
-    # The slope cancels what does not grow with the batch (one-off buffers, allocator pools).
-    slope = growths[2] - growths[1]
-    print(f"  per sample (micro-batch 2 minus 1): RSS {format_bytes(slope)}, planned "
-          f"{format_bytes(fp32.kept_per_sample)}: ratio {slope / fp32.kept_per_sample:.2f}")
+        kept = fp32.kept_bytes(micro)
+        with_transient = kept + fp32.transient_bytes(micro)
+        rows.append({"micro_batch": micro, "rss_growth": growth, "planned_kept": kept,
+                     "planned_with_transient": with_transient, "ratio_before": growth / kept,
+                     "ratio_after": growth / with_transient})
+        print(f"| {micro} | {format_bytes(growth)} | {format_bytes(kept)} | {growth / kept:.2f} | "
+              f"{format_bytes(with_transient)} | {growth / with_transient:.2f} |")
+    return rows
 
 
 def main() -> None:
@@ -123,6 +137,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-rss", action="store_true")
     parser.add_argument("--rss-only", action="store_true", help="only the plan-vs-RSS check (fp32)")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="RSS children with glibc's default (dynamic) mmap threshold")
+    parser.add_argument("--json", type=Path, help="also write the numbers here")
     parser.add_argument("--rss-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -131,21 +148,24 @@ def main() -> None:
         return
     config = load_config(args.config, [f"data.image_size={args.image_size}"])
     started = time.time()
+    load_before = os.getloadavg()[0]
     model = _model(config)
+    results: dict = {"config": args.config, "image_size": args.image_size, "threads": args.threads}
     if args.rss_only:
         profile = profile_activations(config, "fp32", (), model=model)
         del model  # the children need the memory
-        _plan_vs_rss(args, profile)
-        print(f"\ntotal {time.time() - started:.0f} s")
+        results["rss"] = plan_vs_rss(args, profile)
+        _finish(args, results, started, load_before)
         return
     variants = [(precision, parts) for precision in ("fp32", "bf16") for parts in ((), PARTS)]
     profiles = {}
-    for precision, parts in reversed(variants):  # the checkpointed measurement caches the plain one
+    for precision, parts in reversed(variants):  # the checkpointed count caches the plain one
         profiles[precision, parts] = profile_activations(config, precision, parts, model=model)
     print(f"# {args.config}, {args.image_size} px: activations measured in {time.time() - started:.0f} s\n")
-    print(f"| precision | checkpointing | activations / sample | recompute (b=1) | planned peak, batch {BATCH} |"
-          + "".join(f" {b}: micro x accum (peak) |" for b in BUDGETS))
-    print("|---|---|---|---|---|" + "---|" * len(BUDGETS))
+    print(f"| precision | checkpointing | activations / sample | recompute (b=1) | transient (b=1, b=2) "
+          f"| planned peak, batch {BATCH} |" + "".join(f" {b}: micro x accum (peak) |" for b in BUDGETS))
+    print("|---|---|---|---|---|---|" + "---|" * len(BUDGETS))
+    results["variants"] = []
     for precision, parts in variants:
         profile = profiles[precision, parts]
         full = plan(config, BATCH, precision, parts, profile=profile, model=model)
@@ -158,29 +178,45 @@ def main() -> None:
                 cells.append(f"{micro} x {accum} ({format_bytes(peak)})")
             except Exception as error:  # noqa: BLE001 (DDESegError: does not fit)
                 cells.append("does not fit" if "does not fit" in str(error) else str(error))
+        transient = f"{format_bytes(profile.transient_bytes(1))}, {format_bytes(profile.transient_bytes(2))}"
         print(f"| {precision} | {'on' if parts else 'off'} | {format_bytes(profile.kept_per_sample)} | "
-              f"{format_bytes(profile.recompute_bytes(1))} | {format_bytes(full.peak_bytes)} | " + " | ".join(cells) + " |")
+              f"{format_bytes(profile.recompute_bytes(1))} | {transient} | {format_bytes(full.peak_bytes)} | "
+              + " | ".join(cells) + " |")
+        results["variants"].append({
+            "precision": precision, "checkpointing": list(parts), "kept_per_sample": profile.kept_per_sample,
+            "recompute_b1": profile.recompute_bytes(1), "transient_b1": profile.transient_bytes(1),
+            "transient_b2": profile.transient_bytes(2), f"planned_peak_b{BATCH}": full.peak_bytes,
+            "budgets": dict(zip(BUDGETS, cells, strict=True)),
+        })
     print(f"\nnote: {BATCHNORM_NOTE}")
 
-    # ---- the recompute cost: float32 steps, alternating, same process
+    # ---- the recompute cost: one float32 step each (the model is warm from the measurements)
     loss_fn = SegmentationLoss(config.loss, config.model.num_classes)
     batch = _measurement_batch(config, 1, torch.device("cpu"), torch.Generator().manual_seed(0))
     model.train()
-    times: dict[bool, list[float]] = {False: [], True: []}
-    _step(model, loss_fn, batch)  # warm-up
-    for _ in range(2):
-        for checkpointed in (False, True):
-            model.set_activation_checkpointing(PARTS if checkpointed else ())
-            model.zero_grad(set_to_none=True)
-            times[checkpointed].append(_step(model, loss_fn, batch))
-    plain_s, ckpt_s = min(times[False]), min(times[True])
-    print(f"\nCPU step time per sample (fp32, micro-batch 1, best of 2): without checkpointing {plain_s:.2f} s, "
+    times: dict[bool, float] = {}
+    for checkpointed in (False, True):
+        model.set_activation_checkpointing(PARTS if checkpointed else ())
+        model.zero_grad(set_to_none=True)
+        times[checkpointed] = _step(model, loss_fn, batch)
+    plain_s, ckpt_s = times[False], times[True]
+    results["step_s"] = {"plain": plain_s, "checkpointed": ckpt_s}
+    print(f"\nCPU step time per sample (fp32, micro-batch 1, one step each): without checkpointing {plain_s:.2f} s, "
           f"with {ckpt_s:.2f} s: ratio {ckpt_s / plain_s:.2f}x")
     del model
 
     if not args.skip_rss:
-        _plan_vs_rss(args, profiles["fp32", ()])
-    print(f"\ntotal {time.time() - started:.0f} s")
+        results["rss"] = plan_vs_rss(args, profiles["fp32", ()])
+    _finish(args, results, started, load_before)
+
+
+def _finish(args, results: dict, started: float, load_before: float) -> None:
+    # The machine may be shared: the load average says how much the times are worth.
+    results["total_s"] = time.time() - started
+    results["load_average"] = [load_before, os.getloadavg()[0]]
+    print(f"\ntotal {results['total_s']:.0f} s (load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after)")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -95,14 +96,15 @@ def write_video(path: Path, seconds: int, width: int, height: int, fps: int) -> 
     return path
 
 
-def write_checkpoint(path: Path) -> Path:
+def write_checkpoint(path: Path, config_path: str | Path = DEMO_CONFIG, overrides: Sequence[str] = ()) -> Path:
+    """A training checkpoint of `config_path` (+ `overrides`) with random weights and bank."""
     import torch
 
     from ddeseg.config import load_config, to_dict
     from ddeseg.models import build_model
     from ddeseg.training.checkpoint import FORMAT, atomic_torch_save
 
-    config = load_config(DEMO_CONFIG)
+    config = load_config(config_path, list(overrides))
     torch.manual_seed(0)
     model = build_model(config.model)
     model.set_memory_bank(torch.randn(config.model.num_classes, 16, config.model.audio_embed_dim))

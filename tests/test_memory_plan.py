@@ -97,6 +97,44 @@ def test_a_freed_segment_input_is_not_merged_with_a_later_tensor():
         assert count == memory.SavedTensorCount(2 * one, 3 * one, 0)
 
 
+class _ExpOfScaled(nn.Module):
+    """exp(image * w), w [n] a parameter: a step whose every allocation can be counted by hand."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(n))
+
+    def forward(self, image, audio):
+        return torch.exp(image * self.w)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_step_peak_by_hand(batch):
+    # S = one float32 [batch, n] tensor. Forward: image * w (S) and its exp (S) are both live
+    # while exp runs; then the product is freed (mul saves its inputs, exp its output) and the
+    # loss adds 4 bytes: peak 2S, end S + 4. Backward, on top of that: the loss's gradient
+    # (4 bytes), exp's input gradient (S), w's unreduced gradient grad * image (S) and its sum
+    # over the batch (4n bytes); w.grad exists beforehand (the plan counts gradients as held).
+    n = 4096
+    size = 4 * batch * n
+    x = torch.randn(batch, n)
+    model = _ExpOfScaled(n)
+    peak = memory.measure_step_peak(model, x, x, None, _SumLoss())
+    assert peak == memory.StepPeak(2 * size, size + 4, (size + 4) + 4 + 2 * size + 4 * n)
+    assert peak.peak_bytes == max(2 * size, 3 * size + 4 * n + 8)
+    assert model.w.grad is None  # the gradients it allocated for the measurement are gone again
+
+
+def test_transient_line_by_hand():
+    assert memory._rising_line(10.0, 30.0, 1, 2) == (-10.0, 20.0)
+    # falling: a kernel choice at the smaller size, kept flat at the larger measurement
+    assert memory._rising_line(30.0, 10.0, 1, 2) == (30.0, 0.0)
+    profile = memory.ActivationProfile("fp32", (), 0, 0, 0, 0, {}, transient_forward=(5.0, 1.0),
+                                       transient_backward=(-10.0, 4.0))
+    assert [profile.transient_bytes(b) for b in (1, 2, 5, 10)] == [6, 7, 10, 30]
+    assert memory.ActivationProfile("fp32", (), 0, 0, 0, 0, {}, transient_forward=(-9.0, 1.0)).transient_bytes(1) == 0
+
+
 @pytest.fixture(scope="module")
 def tiny():
     return load_config("tiny", ["data.image_size=32"])  # 32 px: the plan's arithmetic at a quarter of the cost
@@ -138,8 +176,32 @@ def test_plan_is_within_10_percent_of_the_count_and_monotone(tiny, tiny_model, p
     assert "does not reproduce large-batch BatchNorm statistics" in text and "planned peak" in text
 
 
+@pytest.mark.parametrize("parts", [(), GPU_PARTS], ids=["plain", "checkpointed"])
+def test_plan_covers_a_measured_step_it_did_not_measure(tiny, tiny_model, parts):
+    # The plan's lines come from micro-batches 1 and 2; a real step at 4 (its own measurement)
+    # must land within 10%. Without the transient term the tiny config's plan is a fraction of
+    # the step (its frozen audio forward on a 256 x 256 spectrogram outweighs the saved tensors).
+    profile = memory.profile_activations(tiny, "fp32", parts, model=tiny_model)
+    assert set(profile.peaks) == {1, 2}
+    tiny_model.set_activation_checkpointing(parts)
+    try:
+        batch = memory._measurement_batch(tiny, 4, torch.device("cpu"), torch.Generator().manual_seed(9))
+        measured = memory.measure_step_peak(tiny_model, *batch, SegmentationLoss(tiny.loss, 3)).peak_bytes
+    finally:
+        tiny_model.set_activation_checkpointing(())
+    planned = memory.plan(tiny, 4, "fp32", parts, profile=profile)
+    print(f"tiny 32 px, micro-batch 4, {parts or 'plain'}: measured {measured}, planned {planned.step_bytes} "
+          f"(without the transient term {planned.step_bytes - planned.transient_bytes})")
+    assert abs(planned.step_bytes - measured) <= 0.1 * measured
+    assert planned.peak_bytes == (planned.parameter_bytes + planned.gradient_bytes + planned.optimizer_bytes
+                                  + planned.step_bytes)
+    assert "transient (audio, loss, backward)" in planned.text()
+
+
 def test_measuring_leaves_the_model_and_rng_alone(tiny, tiny_model):
     model = tiny_model
+    first = next(p for p in model.parameters() if p.requires_grad)
+    first.grad = torch.full_like(first, 0.5)  # a gradient being accumulated stays as it was
     before = {k: v.clone() for k, v in model.state_dict().items()}
     torch.manual_seed(3)
     expected = torch.rand(4)
@@ -150,6 +212,9 @@ def test_measuring_leaves_the_model_and_rng_alone(tiny, tiny_model):
     for key, value in before.items():
         torch.testing.assert_close(after[key], value, rtol=0, atol=0, msg=key)
     assert model.activation_checkpointing() == ()
+    assert torch.equal(first.grad, torch.full_like(first, 0.5))
+    assert all(p.grad is None for p in model.parameters() if p is not first)
+    first.grad = None
 
 
 @pytest.mark.parametrize("batch_size, world_size", [(8, 1), (12, 2), (50, 1), (50, 2), (7, 1)])

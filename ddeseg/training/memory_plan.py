@@ -7,6 +7,9 @@ The plan is a device-independent account of one training step of a config at a m
     + activations kept for the backward pass  (measured, per micro-batch)
     + the largest checkpointed segment rebuilt during the backward pass (measured; 0 without
       checkpointing)
+    + transient bytes above those: the loss's temporaries at the end of the forward pass, the
+      frozen audio backbone's forward (no saved tensors, but its intermediates exist while it
+      runs), the backward pass's gradient buffers and kernel workspaces (measured, per micro-batch)
 
 Activation bytes are **measured, not guessed**: a short training forward and the loss (micro-
 batch 1 and 2, the config's image size and clip length, random inputs and bank) under
@@ -16,14 +19,30 @@ forward: `ddeseg.models.layers.checkpoint_probe` runs each segment plainly and r
 (kept) and what it saves (rebuilt). Activations are affine in the micro-batch (fixed part: e.g.
 bf16 copies of the weights under autocast), so two forwards give the line.
 
+Transient bytes are **measured too** (`measure_step_peak`): one real training forward, loss and
+backward pass per micro-batch (1 and 2) on the model's device, gradients allocated beforehand,
+tracking every allocation: `torch.cuda.max_memory_allocated` on CUDA, the profiler's allocation
+events on the CPU (`torch.profiler`, `profile_memory=True`: every tensor the CPU allocator hands
+out, kernel workspaces included). Transient = the measured peak above the saved tensors (and the
+segment rebuilt), separately for the forward and the backward pass, each a line in the
+micro-batch; the plan takes the larger. Without it the peak RSS growth of a CPU step of
+configs/v2.yaml (224 px) was 1.16x (micro-batch 1) and 1.04x (2) the planned activations, with
+it 1.02x and 0.97x (`benchmarks/bench_memory.py`): at micro-batch 1 the head's 1x1-convolution
+backward holds two 147 MiB buffers, at 2 the loss holds a one-hot int64 target and the softmax
+beside the saved tensors. On the tiny config the frozen audio forward (a 256 x 256 spectrogram)
+outweighs the saved tensors several times over.
+
 Not in the plan (keep the headroom `choose_micro_batch` leaves, 10% by default): allocator
-fragmentation, cuDNN/cuBLAS workspaces, transient tensors of one op, the CUDA context.
+fragmentation and caching, the CUDA context, the optimizer step's own temporaries (after the
+backward pass, when the activations are gone; AdamW's foreach update needs about one more copy of
+the trainable weights).
 Gradient accumulation keeps the optimizer step's batch, but **not** large-batch BatchNorm: the
 head's BatchNorm normalises each micro-batch with its own statistics.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -160,6 +179,124 @@ def count_saved_tensors(
     return counter.count()
 
 
+@dataclass(frozen=True)
+class StepPeak:
+    """Measured live bytes of one training step's forward (with the loss) and backward pass,
+    above what was allocated before it (weights, gradients, the batch).
+
+    `forward_peak_bytes`: the most during the forward pass and the loss (the frozen audio
+    forward included). `forward_end_bytes`: what is still allocated when the backward pass
+    starts (the saved tensors, the logits and the loss). `backward_peak_bytes`: the most during
+    the backward pass (saved tensors not yet freed, gradient buffers, rebuilt segments)."""
+
+    forward_peak_bytes: int
+    forward_end_bytes: int
+    backward_peak_bytes: int
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(self.forward_peak_bytes, self.backward_peak_bytes)
+
+
+class _CpuAllocations:
+    """The CPU allocator's live bytes while a phase runs, from the profiler's allocation events
+    (each records a signed size: + allocated, - freed). `peak`/`end`: relative to the start."""
+
+    def __init__(self) -> None:
+        self.peak = self.end = 0
+
+    def __enter__(self) -> _CpuAllocations:
+        # On a machine without a GPU, kineto logs a harmless "gpuGetDeviceCount failed" line on
+        # its first use; a user who set the level keeps theirs.
+        os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+        from torch.profiler import ProfilerActivity, profile
+
+        self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._profile.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from torch._C._profiler import _EventType
+
+        self._profile.__exit__(*exc)
+        if exc[0] is not None:
+            return
+        events: list[tuple[int, int]] = []
+        pending = list(self._profile.profiler.kineto_results.experimental_event_tree())
+        while pending:
+            node = pending.pop()
+            if node.tag == _EventType.Allocation:
+                events.append((node.start_time_ns, node.extra_fields.alloc_size))
+            pending.extend(node.children)
+        live = 0
+        for _, size in sorted(events):
+            live += size
+            self.peak = max(self.peak, live)
+        self.end = live
+
+
+class _CudaAllocations:
+    """The CUDA caching allocator's allocated bytes while a phase runs (`max_memory_allocated`),
+    relative to the start; the device is synchronised at both ends."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak, self.end = device, 0, 0
+
+    def __enter__(self) -> _CudaAllocations:
+        torch.cuda.synchronize(self.device)
+        self.start = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        torch.cuda.synchronize(self.device)
+        self.peak = torch.cuda.max_memory_allocated(self.device) - self.start
+        self.end = torch.cuda.memory_allocated(self.device) - self.start
+
+
+def _allocations(device: torch.device) -> _CpuAllocations | _CudaAllocations:
+    return _CudaAllocations(device) if device.type == "cuda" else _CpuAllocations()
+
+
+def measure_step_peak(
+    model: nn.Module, image: torch.Tensor, audio: torch.Tensor, target: torch.Tensor, loss_fn: nn.Module,
+    precision: str = "fp32",
+) -> StepPeak:
+    """One training forward, loss and backward pass of `model` on the batch (checkpointing as
+    set on the model), tracking the allocator's live bytes on the batch's device (see
+    `StepPeak`). Gradients of the trainable parameters are allocated (zeros) before it starts:
+    the plan counts them as held, so only the step's own allocations are measured.
+
+    The model's gradients, buffers (BatchNorm statistics), mode and the global RNG are restored
+    afterwards, as `count_saved_tensors` does: a trainer may measure its own model."""
+    device = image.device
+    gradients = [(p, p.grad) for p in model.parameters()]
+    buffers = [b.detach().clone() for b in model.buffers()]
+    was_training = model.training
+    model.train()
+    try:
+        for parameter, _ in gradients:
+            if parameter.requires_grad:
+                parameter.grad = torch.zeros_like(parameter)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            with _allocations(device) as forward:
+                with autocast(device.type, precision):
+                    logits = model(image, audio)
+                loss, _ = loss_fn(logits.float(), target)
+            with _allocations(device) as backward:
+                loss.backward()
+                del loss, logits
+    finally:
+        with torch.no_grad():
+            for buffer, saved in zip(model.buffers(), buffers, strict=True):
+                buffer.copy_(saved)
+        for parameter, gradient in gradients:
+            parameter.grad = gradient
+        model.train(was_training)
+    # The backward pass starts from what the forward pass left allocated.
+    return StepPeak(forward.peak, forward.end, forward.end + backward.peak)
+
+
 def _measurement_batch(config: Config, micro_batch: int, device: torch.device, generator: torch.Generator):
     model_cfg, size = config.model, config.data.image_size
     frames = frames_for(model_cfg.frontend, round(config.data.clip_seconds * model_cfg.frontend.sample_rate))
@@ -174,10 +311,13 @@ def _measurement_batch(config: Config, micro_batch: int, device: torch.device, g
 
 @dataclass(frozen=True)
 class ActivationProfile:
-    """Measured activation bytes of a config as a line in the micro-batch:
-    `kept(b) = kept_fixed + kept_per_sample * b`, likewise `recompute(b)`.
+    """Measured activation bytes of a config as lines in the micro-batch:
+    `kept(b) = kept_fixed + kept_per_sample * b`, likewise `recompute(b)`, and the transient
+    bytes above them, `transient(b) = max(0, forward line, backward line)` (see
+    `transient_bytes`).
 
-    `measured` holds the counts it was built from: {micro_batch: SavedTensorCount}."""
+    `measured` holds the counts it was built from ({micro_batch: SavedTensorCount}), `peaks` the
+    measured steps ({micro_batch: StepPeak}; empty when the transient term was not measured)."""
 
     precision: str
     checkpointing: tuple[str, ...]
@@ -186,6 +326,9 @@ class ActivationProfile:
     recompute_fixed: float
     recompute_per_sample: float
     measured: dict[int, SavedTensorCount]
+    transient_forward: tuple[float, float] = (0.0, 0.0)  # (fixed, per sample)
+    transient_backward: tuple[float, float] = (0.0, 0.0)
+    peaks: dict[int, StepPeak] = field(default_factory=dict)
 
     def kept_bytes(self, micro_batch: int) -> int:
         return max(0, round(self.kept_fixed + self.kept_per_sample * micro_batch))
@@ -193,13 +336,30 @@ class ActivationProfile:
     def recompute_bytes(self, micro_batch: int) -> int:
         return max(0, round(self.recompute_fixed + self.recompute_per_sample * micro_batch))
 
+    def transient_bytes(self, micro_batch: int) -> int:
+        """Bytes above the kept and rebuilt activations at the step's peak: the larger of the
+        forward pass's (loss temporaries, the frozen audio forward) and the backward pass's
+        (gradient buffers, kernel workspaces)."""
+        lines = (self.transient_forward, self.transient_backward)
+        return max(0, *(round(fixed + per_sample * micro_batch) for fixed, per_sample in lines))
+
 
 _PROFILES: dict[str, ActivationProfile] = {}
+_SAVED: dict[str, dict[int, SavedTensorCount]] = {}  # saved-tensor counts, by the profile's key
+_PEAKS: dict[str, dict[int, StepPeak]] = {}  # measured steps, likewise
 
 
 def _line(a: float, b: float, n_a: int, n_b: int) -> tuple[float, float]:
     slope = (b - a) / (n_b - n_a)
     return a - slope * n_a, slope
+
+
+def _rising_line(a: float, b: float, n_a: int, n_b: int) -> tuple[float, float]:
+    """The line through two measurements, flat at the larger one when it would fall: a transient
+    that shrinks with the batch is a kernel choice at small sizes (e.g. the CPU's convolution
+    backward picks another algorithm), not a trend to extrapolate below zero."""
+    fixed, slope = _line(a, b, n_a, n_b)
+    return (fixed, slope) if slope >= 0 else (max(a, b), 0.0)
 
 
 def profile_activations(
@@ -210,10 +370,12 @@ def profile_activations(
     model: nn.Module | None = None,
     batches: tuple[int, int] = (1, 2),
     bank_entries: int = 10,
+    transient: bool = True,
 ) -> ActivationProfile:
     """Measure `config`'s activation bytes at two micro-batches (`count_saved_tensors`) and fit
-    the line. Cached per (model config, image size, clip length, precision, checkpointing, device
-    type, memory-bank size).
+    the lines; with `transient` (default) also run a training step at each
+    (`measure_step_peak`) and fit the transient bytes above the saved tensors. Cached per (model
+    config, image size, clip length, precision, checkpointing, device type, memory-bank size).
 
     `model`: measure this model (e.g. the trainer's, on its device; its checkpointing setting
     is restored afterwards); default: build one from `config.model` on the CPU. Raises
@@ -231,9 +393,9 @@ def profile_activations(
     bank_classes = max(config.model.num_classes, config.model.derived_semantics)
     bank_shape = tuple(bank.shape) if bank is not None else (bank_classes, bank_entries, config.model.audio_embed_dim)
 
-    def key(parts: tuple[str, ...]) -> str:
+    def key(parts: tuple[str, ...], transient: bool = transient) -> str:
         return repr((to_dict(config.model), config.data.image_size, config.data.clip_seconds, precision, parts, batches,
-                     device_type, bank_shape))
+                     device_type, bank_shape, transient))
 
     if key(parts) in _PROFILES:
         return _PROFILES[key(parts)]
@@ -247,21 +409,34 @@ def profile_activations(
     loss_fn = SegmentationLoss(config.loss, config.model.num_classes).to(device)
     generator = torch.Generator().manual_seed(0)
     try:
-        measured = {
-            b: count_saved_tensors(model, *_measurement_batch(config, b, device, generator), loss_fn, precision)
-            for b in batches
-        }
+        if key(parts, False) not in _SAVED:
+            measured = {
+                b: count_saved_tensors(model, *_measurement_batch(config, b, device, generator), loss_fn, precision)
+                for b in batches
+            }
+            _SAVED[key(parts, False)] = measured
+            # The same forward also counted everything (= no checkpointing): keep that count too.
+            _SAVED.setdefault(key((), False), {n: SavedTensorCount(c.all_bytes, c.all_bytes, 0) for n, c in measured.items()})
+        if transient and key(parts, False) not in _PEAKS:
+            _PEAKS[key(parts, False)] = {
+                b: measure_step_peak(model, *_measurement_batch(config, b, device, generator), loss_fn, precision)
+                for b in batches
+            }
     finally:
         model.set_activation_checkpointing(previous)
+    measured, peaks = _SAVED[key(parts, False)], _PEAKS.get(key(parts, False), {}) if transient else {}
     (n_a, a), (n_b, b) = sorted(measured.items())
-    # The same forward also counted everything (= no checkpointing): cache that profile too.
-    plain = {n: SavedTensorCount(c.all_bytes, c.all_bytes, 0) for n, c in measured.items()}
-    _PROFILES.setdefault(key(()), ActivationProfile(
-        precision, (), *_line(a.all_bytes, b.all_bytes, n_a, n_b), 0.0, 0.0, plain
-    ))
+    lines: dict[str, tuple[float, float]] = {}
+    if peaks:
+        # Above what the plan already holds at each measured micro-batch: the kept and the rebuilt.
+        held = {n: c.kept_bytes + c.recompute_bytes for n, c in measured.items()}
+        for phase, of in (("forward", lambda p: p.forward_peak_bytes), ("backward", lambda p: p.backward_peak_bytes)):
+            lines[phase] = _rising_line(of(peaks[n_a]) - held[n_a], of(peaks[n_b]) - held[n_b], n_a, n_b)
     _PROFILES[key(parts)] = ActivationProfile(
         precision, parts, *_line(a.kept_bytes, b.kept_bytes, n_a, n_b),
         *_line(a.recompute_bytes, b.recompute_bytes, n_a, n_b), measured,
+        transient_forward=lines.get("forward", (0.0, 0.0)), transient_backward=lines.get("backward", (0.0, 0.0)),
+        peaks=peaks,
     )
     return _PROFILES[key(parts)]
 
@@ -286,11 +461,18 @@ class MemoryPlan:
     activation_bytes: int  # kept for the backward pass
     recompute_bytes: int  # the largest segment rebuilt at once (0 without checkpointing)
     activation_bytes_per_sample: float
+    transient_bytes: int = 0  # above the kept and rebuilt at the step's peak (measured)
 
     @property
     def peak_bytes(self) -> int:
         return (self.parameter_bytes + self.gradient_bytes + self.optimizer_bytes + self.ddp_bucket_bytes
-                + self.activation_bytes + self.recompute_bytes)
+                + self.activation_bytes + self.recompute_bytes + self.transient_bytes)
+
+    @property
+    def step_bytes(self) -> int:
+        """What one forward and backward pass adds to the held weights, gradients and optimizer
+        state: kept + rebuilt + transient activations."""
+        return self.activation_bytes + self.recompute_bytes + self.transient_bytes
 
     def rows(self) -> list[tuple[str, str]]:
         """(label, value) rows of the start-up table."""
@@ -304,6 +486,7 @@ class MemoryPlan:
             ("activations kept", f"{format_bytes(self.activation_bytes)} "
                                  f"({format_bytes(self.activation_bytes_per_sample)} per sample, measured)"),
             *([("recompute (largest segment)", format_bytes(self.recompute_bytes))] if self.checkpointing else []),
+            ("transient (audio, loss, backward)", f"{format_bytes(self.transient_bytes)} (measured)"),
             ("planned peak", format_bytes(self.peak_bytes)),
         ]
 
@@ -328,8 +511,8 @@ def plan(
 
     Parameter, gradient and optimizer bytes are counted from a model built from `config.model`
     (or `model`): float32 master weights and AdamW's two moments per trainable parameter, also
-    under bf16 autocast. Activations come from `profile_activations` (measured; pass `profile`
-    to reuse one)."""
+    under bf16 autocast. Activations and the transient bytes come from `profile_activations`
+    (measured; pass `profile` to reuse one)."""
     if micro_batch < 1:
         raise DDESegError(f"micro-batch must be >= 1, got {micro_batch}")
     if profile is None:
@@ -348,6 +531,7 @@ def plan(
         activation_bytes=profile.kept_bytes(micro_batch),
         recompute_bytes=profile.recompute_bytes(micro_batch),
         activation_bytes_per_sample=profile.kept_per_sample,
+        transient_bytes=profile.transient_bytes(micro_batch),
     )
 
 
@@ -462,6 +646,6 @@ def maybe_compile(model: nn.Module, enabled: bool, **options: Any) -> nn.Module:
 
 __all__ = [
     "BATCHNORM_NOTE", "ActivationProfile", "MemoryPlan", "SavedTensorCount", "choose_micro_batch",
-    "convert_sync_batchnorm", "count_saved_tensors", "maybe_compile", "plan",
-    "profile_activations", "render_plans",
+    "StepPeak", "convert_sync_batchnorm", "count_saved_tensors", "maybe_compile",
+    "measure_step_peak", "plan", "profile_activations", "render_plans",
 ]
