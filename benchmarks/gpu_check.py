@@ -575,7 +575,7 @@ def part_predict(child: Child) -> None:
     video = write_video(child.work / f"clip-{height}p.mp4", seconds, width, height, fps)
     checkpoint = write_checkpoint(child.work / "model.pt", child.sizes.config, child.sizes.overrides)
     out = child.work / "predict"
-    model, config, names, _ = load_predictor(ConfigSource(), PredictPaths(checkpoint, [video], out), device=str(child.device))
+    model, config, names, _ = load_predictor(ConfigSource(), PredictPaths(checkpoint, [video], out), device=child.device)
     started = time.perf_counter()
     result = predict_to_directory(video, model, config, names, out / video.stem, frames_per_second=fps,
                                   batch_size=config.predict.batch_size)

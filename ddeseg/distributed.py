@@ -32,8 +32,9 @@ class DistributedContext:
         return self.world_size > 1
 
 
-def resolve_device(requested: str | None = None, local_rank: int = 0, option: str = "--device") -> torch.device:
-    """The torch device of a `--device` value: the one device resolver of ddeseg.
+def resolve_device(requested: str | torch.device | None = None, local_rank: int = 0, option: str = "--device") -> torch.device:
+    """The torch device of a `--device` value: the one device resolver of ddeseg (a device
+    resolved before, e.g. by the demo for the stages it runs, passes through, checked again).
 
     `None`/"auto": the local GPU (`cuda:{local_rank}`) when present, else the CPU. "cuda" without
     an index is `cuda:{local_rank}`. Raises `DDESegError` (one line naming `option`) for a value

@@ -19,15 +19,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ddeseg.config import CONFIG_FILE, Config, save_config
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
 class RunOptions:
     """How a stage runs; nothing here changes what it computes."""
 
-    device: str | None = None  # cpu, cuda, cuda:N; None: the local GPU when present
+    device: str | torch.device | None = None  # cpu, cuda, cuda:N (or a resolved device); None: the local GPU when present
     progress: bool = True  # progress bars on stderr
     overwrite: bool = False  # replace what an earlier run wrote to the output folder
 

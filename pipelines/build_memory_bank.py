@@ -236,8 +236,7 @@ def cluster_class_embeddings(
         missing_fill: `global_mean` or `zeros`.
 
     Returns:
-        bank float32 `[len(class_ids), k, dim]` and one `ClassStats` per row. The fill rules
-        for classes with fewer than k points or none are in the module docstring.
+        bank float32 `[len(class_ids), k, dim]` and one `ClassStats` per row (fill rules: above).
     """
     if k < 1 or niter < 1 or nredo < 1:
         raise DDESegError(f"k, niter and nredo must be >= 1 (got k={k}, niter={niter}, nredo={nredo})")
@@ -252,19 +251,14 @@ def cluster_class_embeddings(
         return f"class {class_id} ({names[class_id]!r})" if class_id in names else f"class {class_id}"
 
     prepared, dim = _checked_points(embeddings_by_class, rows, spherical, describe)
-    missing = [c for c in rows if c not in prepared]
-    required_missing = [c for c in missing if c not in optional_classes]
+    required_missing = [c for c in rows if c not in prepared and c not in optional_classes]
     if required_missing and not allow_missing:
         listed = ", ".join(describe(c) for c in required_missing)
         raise DDESegError(
             f"{len(required_missing)} class(es) without any embedding: {listed}; "
             "use --allow-missing-classes to fill them (see bank.json), or add data for them"
         )
-    total_points = sum(len(points) for points in prepared.values())
-    global_sum = sum(points.sum(0, dtype=np.float64) for points in prepared.values())
-    global_mean = (global_sum / total_points).astype(np.float32)
-    if spherical:
-        global_mean = _normalise(global_mean)
+    global_mean = _global_mean(prepared, spherical)
 
     bank = np.zeros((len(rows), k, dim), dtype=np.float32)
     stats: list[ClassStats] = []
@@ -315,6 +309,15 @@ def _checked_points(
     if dim is None:
         raise DDESegError("no embeddings for any class: nothing to cluster")
     return prepared, dim
+
+
+def _global_mean(prepared: Mapping[int, np.ndarray], spherical: bool) -> np.ndarray:
+    """The mean of every class's points (float64 sums), unit length when `spherical`: the fill
+    of a class without any point (`missing_fill: global_mean`)."""
+    total_points = sum(len(points) for points in prepared.values())
+    global_sum = sum(points.sum(0, dtype=np.float64) for points in prepared.values())
+    global_mean = (global_sum / total_points).astype(np.float32)
+    return _normalise(global_mean) if spherical else global_mean
 
 
 def _cluster_row(
@@ -428,6 +431,20 @@ def _sample_classes(meta: SampleMeta) -> list[int]:
     return sorted({int(c) for c in meta.classes if c not in (0, schema.IGNORE_INDEX)})
 
 
+def _embed_batch(embed_fn: EmbedFn, batch: list[np.ndarray], first: str, device: str | torch.device) -> np.ndarray:
+    """`embed_fn` on one stacked batch of log-mels, checked: float32 `[len(batch), dim]`, finite
+    (`first` names the batch's first sample in the error)."""
+    inputs = torch.from_numpy(np.stack(batch)).to(device)
+    with torch.inference_mode():
+        embedded = embed_fn(inputs)
+    if embedded.ndim != 2 or embedded.shape[0] != len(batch):
+        raise DDESegError(f"embed_fn returned shape {tuple(embedded.shape)} for a batch of {len(batch)} (from {first})")
+    array = embedded.detach().float().cpu().numpy()
+    if not np.isfinite(array).all():
+        raise DDESegError(f"embed_fn returned NaN or inf for the batch starting at {first}")
+    return array
+
+
 def embed_shards(
     shard_paths: Sequence[str | Path],
     embed_fn: EmbedFn,
@@ -453,17 +470,7 @@ def embed_shards(
     frame_shape: tuple[int, ...] | None = None
 
     def flush() -> None:
-        inputs = torch.from_numpy(np.stack(batch)).to(device)
-        with torch.inference_mode():
-            embedded = embed_fn(inputs)
-        if embedded.ndim != 2 or embedded.shape[0] != len(batch):
-            raise DDESegError(
-                f"embed_fn returned shape {tuple(embedded.shape)} for a batch of {len(batch)} (from {batch_where[0]})"
-            )
-        array = embedded.detach().float().cpu().numpy()
-        if not np.isfinite(array).all():
-            raise DDESegError(f"embed_fn returned NaN or inf for the batch starting at {batch_where[0]}")
-        outputs.append(array)
+        outputs.append(_embed_batch(embed_fn, batch, batch_where[0], device))
         batch.clear()
         batch_where.clear()
 

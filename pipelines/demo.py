@@ -153,6 +153,32 @@ class DemoPaths:
     out: Path
 
 
+def _evaluate_with_controls(
+    out: Path, plan: DemoPlan, context: Any, run: RunOptions
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """best.pt on the test split under normal audio and each control. best.pt is chosen on the val
+    split; the test split is only scored here. The normal evaluation chooses the frames to draw;
+    the controls keep the same frames, so that each is shown under the three audio conditions
+    side by side. Returns the eval.json dicts and the picture collectors, by control."""
+    from ddeseg.picture_choice import PictureCollector
+    from ddeseg.pipelines.evaluate import EvaluatePaths, run_evaluation
+
+    results: dict[str, dict[str, Any]] = {}
+    collectors: dict[str, PictureCollector] = {}
+    for control in ("none", *CONTROLS):
+        settings = ("eval.split=test", f"eval.audio_control={control}", f"eval.pictures={PICTURES}", f"eval.worst_frames={PICTURES}")
+        keep = None if control == "none" else {s["key"]: s["why"] for s in results["none"]["samples"]}
+        collectors[control] = PictureCollector(samples=PICTURES, worst=PICTURES, seed=plan.seed, keep=keep)
+        results[control] = run_evaluation(
+            ConfigSource(overrides=settings),  # the config stored in best.pt: the demo's
+            EvaluatePaths(checkpoint=out / "run" / "best.pt", shards=out / "shards", out=out / eval_dir(control)),
+            context,
+            progress=run.progress,
+            pictures=collectors[control],
+        )
+    return results, collectors
+
+
 def run_demo(
     config: Config, paths: DemoPaths, plan: DemoPlan, run: RunOptions = RunOptions(overwrite=True)
 ) -> dict[str, Any]:
@@ -161,9 +187,7 @@ def run_demo(
     `run.overwrite` (the default) replaces an earlier demo's folders in `out`; training and the
     audio pretraining run on the CPU (the demo's numbers are the same on any machine)."""
     from ddeseg.distributed import DistributedContext
-    from ddeseg.picture_choice import PictureCollector
     from ddeseg.pipelines.build_memory_bank import MemoryBankPaths, build_memory_bank
-    from ddeseg.pipelines.evaluate import EvaluatePaths, run_evaluation
     from ddeseg.pipelines.prepare import PreparePaths, prepare
     from ddeseg.pipelines.pretrain_audio import PretrainAudioPaths, pretrain_audio
     from ddeseg.pipelines.train import TrainRequest, train
@@ -187,7 +211,7 @@ def run_demo(
         )
     with _stage("pretrain-audio", timings):
         audio_metrics = pretrain_audio(
-            config, PretrainAudioPaths(out / "shards", out / "audio"), RunOptions(device=str(context.device), progress=run.progress)
+            config, PretrainAudioPaths(out / "shards", out / "audio"), RunOptions(device=context.device, progress=run.progress)
         )
     with _stage("build-memory-bank", timings):
         build_memory_bank(
@@ -203,23 +227,8 @@ def run_demo(
             ),
             context,
         )
-    results: dict[str, dict[str, Any]] = {}
-    collectors: dict[str, PictureCollector] = {}
     with _stage("evaluate", timings):
-        # best.pt is chosen on the val split; the test split is only scored here. The normal
-        # evaluation chooses the frames to draw; the controls keep the same frames, so that each
-        # is shown under the three audio conditions side by side.
-        for control in ("none", *CONTROLS):
-            settings = ("eval.split=test", f"eval.audio_control={control}", f"eval.pictures={PICTURES}", f"eval.worst_frames={PICTURES}")
-            keep = None if control == "none" else {s["key"]: s["why"] for s in results["none"]["samples"]}
-            collectors[control] = PictureCollector(samples=PICTURES, worst=PICTURES, seed=plan.seed, keep=keep)
-            results[control] = run_evaluation(
-                ConfigSource(overrides=settings),  # the config stored in best.pt: the demo's
-                EvaluatePaths(checkpoint=out / "run" / "best.pt", shards=out / "shards", out=out / eval_dir(control)),
-                context,
-                progress=run.progress,
-                pictures=collectors[control],
-            )
+        results, collectors = _evaluate_with_controls(out, plan, context, run)
     timings["total"] = time.perf_counter() - started
 
     report = dict(results["none"])

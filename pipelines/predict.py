@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ from ddeseg.classes import display_palette
 from ddeseg.config import Config, check_overrides
 from ddeseg.fileio import building_directory, reporting_disk_full
 from ddeseg.inference import InferenceModel, load_for_inference, require_output_folder, resolve_class_names
-from ddeseg.segment import MASKS_DIR, OVERLAYS_DIR, frame_name, predict_video
+from ddeseg.segment import MASKS_DIR, OVERLAYS_DIR, FramePrediction, frame_name, predict_video
 from ddeseg.stage import ConfigSource, RunOptions, write_stage_config
 from ddeseg.video import (
     OverlayVideoWriter,
@@ -75,7 +75,7 @@ class PredictPaths:
 
 
 def load_predictor(
-    config: ConfigSource, paths: PredictPaths, device: str | None = None
+    config: ConfigSource, paths: PredictPaths, device: str | torch.device | None = None
 ) -> tuple[torch.nn.Module, Config, list[str], InferenceModel]:
     """Model (on `device`, eval mode), resolved config, class names and the loaded checkpoint
     (`ddeseg.inference.load_for_inference`)."""
@@ -111,6 +111,38 @@ class VideoResult:
     frames: int = 0
     audio: str = ""
     classes: dict[str, dict[str, float]] = field(default_factory=dict)  # name -> frames, mean fraction
+
+
+def _write_frames(
+    folder: Path,
+    predictions: Iterable[FramePrediction],
+    writer: OverlayVideoWriter,
+    source: SourceFrames | None,
+    palette: Any,
+    audio_note: str | None,
+    frames: list[dict[str, Any]],
+    advance: Callable[[], None],
+) -> None:
+    """Each prediction's mask and overlay PNG into `folder`, and the overlay video: the sampled
+    pictures, or (`source`) every source frame under the mask of the latest prediction before
+    it. Appends each frame's JSON entry to `frames`."""
+    painter: LegendOverlay | None = None
+    for prediction in predictions:
+        name = frame_name(prediction.index)
+        Image.fromarray(prediction.mask, mode="L").save(folder / MASKS_DIR / name, optimize=False)
+        latest = LegendOverlay(prediction, palette, audio_note)
+        picture = latest(prediction.image)
+        # Fast compression: the overlays are pictures to look at, written once per frame.
+        Image.fromarray(picture, mode="RGB").save(folder / OVERLAYS_DIR / name, compress_level=1)
+        if source is None:
+            writer.write(picture)
+        else:  # the source frames up to this prediction keep the previous mask
+            _write_source_frames(writer, source.until(prediction.time_s), painter or latest)
+        painter = latest
+        frames.append(prediction.to_json())
+        advance()
+    if source is not None and painter is not None:
+        _write_source_frames(writer, source.until(None), painter)
 
 
 def predict_to_directory(
@@ -158,28 +190,13 @@ def predict_to_directory(
             source = SourceFrames(path) if at_source_rate else None
             finished = False
             try:
-                palette, audio_note = display_palette(class_names), None if info.has_audio else "no audio: silence"
-                painter: LegendOverlay | None = None
-                for prediction in predict_video(
+                predictions = predict_video(
                     path, model, config, class_names,
                     frames_per_second=rate, batch_size=batch_size, allow_no_audio=allow_no_audio,
-                ):
-                    name = frame_name(prediction.index)
-                    Image.fromarray(prediction.mask, mode="L").save(temporary / MASKS_DIR / name, optimize=False)
-                    latest = LegendOverlay(prediction, palette, audio_note)
-                    picture = latest(prediction.image)
-                    # Fast compression: the overlays are pictures to look at, written once per frame.
-                    Image.fromarray(picture, mode="RGB").save(temporary / OVERLAYS_DIR / name, compress_level=1)
-                    if source is None:
-                        writer.write(picture)
-                    else:  # the source frames up to this prediction keep the previous mask
-                        _write_source_frames(writer, source.until(prediction.time_s), painter or latest)
-                    painter = latest
-                    frames.append(prediction.to_json())
-                    if progress is not None:
-                        progress.advance(task)
-                if source is not None and painter is not None:
-                    _write_source_frames(writer, source.until(None), painter)
+                )
+                audio_note = None if info.has_audio else "no audio: silence"
+                advance = (lambda: progress.advance(task)) if progress is not None else (lambda: None)
+                _write_frames(temporary, predictions, writer, source, display_palette(class_names), audio_note, frames, advance)
                 finished = True
             finally:
                 writer.close(finish=finished)
