@@ -32,36 +32,6 @@ def inspect_command(
 
         ddeseg inspect shards/avs --dump v2-_abc123_1000-003 --out look/
     """
-    from rich.console import Console
-    from rich.table import Table
+    from ddeseg.pipelines.inspect import inspect
 
-    from ddeseg.errors import DDESegError
-    from ddeseg.pipelines.shard_writer import dump_sample, manifest_summary
-
-    console = Console()
-    if dump is not None:
-        if out is None:
-            raise DDESegError("--dump needs --out DIR")
-        for path in dump_sample(shards_dir, dump, out):
-            console.print(str(path))
-        return
-    summary = manifest_summary(shards_dir)
-    table = Table(
-        title=f"{shards_dir}: {summary['samples']} samples in {summary['shards']} shards ({summary['layout']} layout)"
-    )
-    for column in ("task", "split", "samples", "annotated", "silent"):
-        table.add_column(column, justify="left" if column in ("task", "split") else "right")
-    for (task, split), counts in summary["splits"].items():
-        table.add_row(task, split, str(counts["samples"]), str(counts["annotated"]), str(counts["silent"]))
-    console.print(table)
-    for task, names in summary["task_classes"].items():
-        console.print(f"{task}: {len(names)} classes (with background): {', '.join(names)}", markup=False)
-    top = list(summary["classes"].items())[:classes]
-    if top:
-        console.print("most frequent classes (frames): " + ", ".join(f"{name} {count}" for name, count in top), markup=False)
-    rejects = summary["rejects"]
-    console.print(f"{len(rejects)} rejected")
-    for reject in rejects[:10]:
-        console.print(f"  {reject['path']}: {reject['reason']}", markup=False)
-    if len(rejects) > 10:
-        console.print(f"  ... and {len(rejects) - 10} more in rejects.jsonl")
+    inspect(shards_dir, dump=dump, out=out, classes=classes)

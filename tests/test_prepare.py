@@ -360,7 +360,7 @@ def test_exported_bbox_json_matches_the_official_file(raw, prepared):
 
 
 def test_inspect_summary_and_dump(prepared, tmp_path):
-    from ddeseg.pipelines.shard_writer import dump_sample, manifest_summary
+    from ddeseg.pipelines.inspect import dump_sample, manifest_summary
 
     summary = manifest_summary(prepared["avsbench"])
     assert summary["samples"] == sum(c["samples"] for c in summary["splits"].values())
