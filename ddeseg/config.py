@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from ddeseg.errors import DDESegError
+from ddeseg.fileio import write_bytes_atomic
 from ddeseg.units import parse_bytes
 
 # --------------------------------------------------------------------------------------------
@@ -642,7 +643,5 @@ def save_config(config: Config, path: str | Path) -> Path:
     """Write `config` as YAML to `path` through a temporary name and a rename (a reader never sees
     half a file). The same config gives the same bytes (keys in the dataclasses' order)."""
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    temporary.replace(path)
+    write_bytes_atomic(path, yaml.safe_dump(to_dict(config), sort_keys=False).encode())
     return path

@@ -9,6 +9,7 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from ddeseg.errors import DDESegError
 
@@ -70,25 +71,33 @@ def reporting_disk_full(folder: Path, what: str = "") -> Iterator[None]:
         raise disk_full_error(where, what=what) from None
 
 
-def write_bytes_atomic(path: Path, data: bytes | memoryview) -> None:
-    """Write `data` to a hidden temporary file beside `path`, flush it to the disk, then rename it
-    over `path`: a reader (or a crash, SIGKILL included) sees the old file or the new one, never
-    part of one. When the write fails the temporary file is removed (a full disk is not left
-    fuller) and `path` is untouched; a full disk raises `DiskFullError` with the size needed."""
+@contextmanager
+def atomic_file(path: Path, needed_bytes: int | None = None) -> Iterator[BinaryIO]:
+    """A hidden temporary file beside `path` to write into; when the block ends it is flushed to
+    the disk and renamed over `path`: a reader (or a crash, SIGKILL included) sees the old file
+    or the new one, never part of one. When the block fails the temporary file is removed (a full
+    disk is not left fuller) and `path` is untouched; a full disk raises `DiskFullError` naming
+    the folder (and `needed_bytes`, when known)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with temporary.open("wb") as handle:
-            handle.write(data)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
     except BaseException as error:
         temporary.unlink(missing_ok=True)
         if is_disk_full(error):
-            raise disk_full_error(path.parent, len(data), what=path.name) from None
+            raise disk_full_error(path.parent, needed_bytes, what=path.name) from None
         raise
+
+
+def write_bytes_atomic(path: Path, data: bytes | memoryview) -> None:
+    """`data` into `path` through `atomic_file`."""
+    with atomic_file(path, len(data)) as handle:
+        handle.write(data)
 
 
 @contextmanager

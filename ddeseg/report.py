@@ -23,6 +23,7 @@ from typing import Any
 
 import jinja2
 
+from ddeseg.fileio import write_bytes_atomic
 from ddeseg.visualize import audio_label
 
 TEMPLATES_DIR = Path(__file__).with_name("templates")
@@ -122,9 +123,7 @@ def render_markdown(report: Report) -> str:
 
 def write_text(path: Path, text: str) -> Path:
     """Write through a temporary name and rename, so a reader never sees half a file."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    temporary.replace(path)
+    write_bytes_atomic(path, text.encode())
     return path
 
 

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ddeseg.data.boxes import Box
+from ddeseg.fileio import write_bytes_atomic
 
 AVSS_BBOX_JSON = "avss_bbox_orisize.json"
 VPO_BBOX_JSON = "vpo_bbox_orisize.json"
@@ -39,8 +40,6 @@ def export_bbox_json(rows: Iterable[dict], out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, boxes in sorted(families.items()):
         path = out_dir / name
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text(json.dumps(dict(sorted(boxes.items())), indent=0))
-        temporary.replace(path)
+        write_bytes_atomic(path, json.dumps(dict(sorted(boxes.items())), indent=0).encode())
         written.append(path)
     return written

@@ -58,7 +58,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 import warnings
 from collections import Counter
@@ -80,8 +79,7 @@ from ddeseg.data.shards import ShardIndex
 from ddeseg.data.stream import read_shard_samples
 from ddeseg.distributed import resolve_device
 from ddeseg.errors import DataError, DDESegError
-from ddeseg.fileio import reporting_disk_full
-from ddeseg.pipelines.shard_writer import write_atomic
+from ddeseg.fileio import atomic_file, reporting_disk_full, write_bytes_atomic
 from ddeseg.progress import stage_progress
 from ddeseg.runlock import writer_lock
 from ddeseg.stage import RunOptions, write_stage_config
@@ -373,17 +371,6 @@ class EmbeddingTable:
         )
 
 
-def _replace_with(path: Path, write: Callable[[Path], None]) -> None:
-    """Run `write(temporary)` beside `path`, then rename the result over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def write_embeddings_cache(path: str | Path, table: EmbeddingTable, metadata: dict[str, Any]) -> Path:
     """Write `table` as Parquet (`key`, `classes`, `silent`, `embedding` fixed-size list) with
     `metadata` (JSON) in the schema metadata, through a temporary name."""
@@ -400,7 +387,8 @@ def write_embeddings_cache(path: str | Path, table: EmbeddingTable, metadata: di
     )
     document = {"format": CACHE_FORMAT, "dim": dim, "unannotated": table.unannotated, **metadata}
     arrow = arrow.replace_schema_metadata({CACHE_METADATA_KEY: json.dumps(document, sort_keys=True).encode()})
-    _replace_with(path, lambda temporary: pq.write_table(arrow, temporary))
+    with atomic_file(path) as handle:
+        pq.write_table(arrow, handle)
     return path
 
 
@@ -753,8 +741,8 @@ def _build_memory_bank(
     report = _bank_report(config, index, bank, stats, assignment, table, embedding, faiss_gpu, seconds)
     bank_path, json_path = out_dir / BANK_FILE, out_dir / BANK_JSON
     write_stage_config(config, out_dir)
-    write_atomic(bank_path, encode_array(bank))
-    write_atomic(json_path, (json.dumps(report, indent=1) + "\n").encode())
+    write_bytes_atomic(bank_path, encode_array(bank))
+    write_bytes_atomic(json_path, (json.dumps(report, indent=1) + "\n").encode())
     return MemoryBankResult(
         out_dir, bank_path, json_path, out_dir / CACHE_FILE, tuple(bank.shape), stats, report["samples"],
         paths.reuse_embeddings, report,

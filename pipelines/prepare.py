@@ -71,7 +71,7 @@ from ddeseg.data.boxes import sounding_boxes
 from ddeseg.data.schema import SampleMeta, encode_array, encode_mask, sample_key
 from ddeseg.data.shards import read_classes_file
 from ddeseg.errors import DataError, DDESegError
-from ddeseg.fileio import reporting_disk_full
+from ddeseg.fileio import atomic_file, reporting_disk_full, write_bytes_atomic
 from ddeseg.pipelines.bboxes import export_bbox_json
 from ddeseg.pipelines.records import FrameRef, RecordError, Reject
 from ddeseg.pipelines.shard_writer import (
@@ -82,7 +82,6 @@ from ddeseg.pipelines.shard_writer import (
     plan_shards,
     remove_stale,
     save_state,
-    write_atomic,
     write_tar,
 )
 from ddeseg.pipelines.sources.common import Source, open_source
@@ -488,9 +487,8 @@ def _write_shard(
 def _write_manifest(out: Path, rows: list[dict[str, Any]]) -> None:
     rows = [dict(row, class_boxes={int(k): v for k, v in row["class_boxes"].items()}) for row in rows]
     table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
-    temporary = out / f".{schema.MANIFEST_FILE}.tmp"
-    pq.write_table(table, temporary)
-    temporary.replace(out / schema.MANIFEST_FILE)
+    with atomic_file(out / schema.MANIFEST_FILE) as handle:
+        pq.write_table(table, handle)
 
 
 def _shard_settings(
@@ -578,8 +576,8 @@ def _run(
 
     classes_json = source.classes.to_json(tasks)
     classes_json["names"] = class_names  # a longer list of the kept tasks keeps its extra names
-    write_atomic(out / schema.CLASSES_FILE, json.dumps(classes_json, indent=1).encode())
-    write_atomic(out / schema.REJECTS_FILE, "".join(reject.to_json() + "\n" for reject in rejects).encode())
+    write_bytes_atomic(out / schema.CLASSES_FILE, json.dumps(classes_json, indent=1).encode())
+    write_bytes_atomic(out / schema.REJECTS_FILE, "".join(reject.to_json() + "\n" for reject in rejects).encode())
     if config.prepare.export_bbox_json:
         export_bbox_json(rows, out / "bbox")
     return _report(config, paths, source, out, jobs, written, rows, rejects, tasks, kept_tasks, logmels[1], started)
@@ -724,7 +722,7 @@ def _report(
         "samples_per_s": round(len(rows) / elapsed, 2) if elapsed > 0 else None,
     }
     write_stage_config(config, out)
-    write_atomic(out / schema.PREPARE_FILE, json.dumps(report, indent=1, sort_keys=True).encode())
+    write_bytes_atomic(out / schema.PREPARE_FILE, json.dumps(report, indent=1, sort_keys=True).encode())
     return result
 
 

@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from ddeseg.data.schema import SHARD_NAME
+from ddeseg.fileio import atomic_file, write_bytes_atomic
 from ddeseg.pipelines.records import FrameRef
 
 STATE_DIR = ".prepare"
@@ -98,43 +98,17 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to a hidden temporary file beside `path`, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with temporary.open("wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)  # a full disk is not left fuller
-        raise
-
-
 def write_tar(path: Path, samples: list[dict[str, Any]]) -> tuple[str, int]:
     """Write samples (`{"__key__": key, member: bytes, ...}`) to `path` atomically.
 
     Returns the tar's sha256 and size in bytes."""
     from webdataset import TarWriter  # imports torch: only the writing (main) process needs it
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with temporary.open("wb") as handle:
-            writer = TarWriter(
-                handle, user=TAR_OWNER, group=TAR_OWNER, mode=0o444, encoder=False, mtime=TAR_MTIME
-            )
-            for sample in samples:
-                writer.write(sample)
-            writer.close()
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)  # a full disk is not left fuller
-        raise
+    with atomic_file(path) as handle:
+        writer = TarWriter(handle, user=TAR_OWNER, group=TAR_OWNER, mode=0o444, encoder=False, mtime=TAR_MTIME)
+        for sample in samples:
+            writer.write(sample)
+        writer.close()
     return sha256_file(path), path.stat().st_size
 
 
@@ -147,7 +121,7 @@ def load_state(out: Path, job: ShardJob) -> dict[str, Any] | None:
 
 
 def save_state(out: Path, job: ShardJob, state: dict[str, Any]) -> None:
-    write_atomic(out / job.state_name, json.dumps(state, sort_keys=True).encode())
+    write_bytes_atomic(out / job.state_name, json.dumps(state, sort_keys=True).encode())
 
 
 def is_finished(out: Path, job: ShardJob, job_fingerprint: str) -> dict[str, Any] | None:
@@ -178,7 +152,7 @@ def remove_stale(out: Path, jobs: list[ShardJob], task_dirs: tuple[str, ...], sp
                 for path in sorted(folder.iterdir()):
                     name = path.relative_to(out).as_posix()
                     ours = path.name.startswith("shard-") and path.suffix in (".tar", ".json")
-                    temporary = path.name.startswith(".shard-") and ".tmp-" in path.name
+                    temporary = path.name.startswith(".shard-") and path.name.endswith(".tmp")  # fileio.atomic_file's
                     if temporary or (ours and name not in planned):
                         path.unlink()
                         removed += 1

@@ -59,8 +59,8 @@ def test_prepare_on_a_full_disk_keeps_finished_shards_and_a_rerun_completes_them
     config = load_config(prepared_synthetic.config, micro_config_overrides)
     out = tmp_path / "shards"
     paths = PreparePaths(layout="ddeseg", root=prepared_synthetic.raw, out=out, tasks=["v2"])
-    _fsync_fails_for(monkeypatch, ".tar.tmp-", on_call=2)  # the second shard tar (not its state file)
-    with pytest.raises(DiskFullError, match=rf"disk full writing shards in {re.escape(str(out))}.*run the same command again"):
+    _fsync_fails_for(monkeypatch, ".tar.", on_call=2)  # the second shard tar (not its state file)
+    with pytest.raises(DiskFullError, match=rf"disk full writing shard-\d+\.tar in {re.escape(str(out))}/v2/\w+, .*run the same command again"):
         prepare(config, paths, RunOptions(progress=False))
     finished = sorted(p.name for p in out.rglob("shard-*.tar"))
     assert len(finished) == 1

@@ -31,6 +31,7 @@ from rich.console import Console
 
 from ddeseg.config import Config
 from ddeseg.errors import DDESegError
+from ddeseg.fileio import write_bytes_atomic
 
 HASH_LIMIT = 1 << 30  # files up to 1 GiB are hashed (a MiT-B5 or HTS-AT file: about a second)
 RUN_INFO_FILE = "run.json"
@@ -157,9 +158,7 @@ def write_run_info(out_dir: Path, startup_text: str, resume: bool, argv: Sequenc
             "startup_table": startup_text,
         }
     )
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps({"starts": starts}, indent=1) + "\n")
-    temporary.replace(path)
+    write_bytes_atomic(path, (json.dumps({"starts": starts}, indent=1) + "\n").encode())
     return path
 
 
