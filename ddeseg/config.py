@@ -335,7 +335,7 @@ TRAINING_KEY_RANGES: dict[str, tuple[float, bool]] = {
     "pretrain_audio.log_every": (1, False),
     "pretrain_audio.eval_every": (1, False),
 }
-PRECISIONS = ("fp32", "bf16", "fp16")  # train.precision; autocast (ddeseg.training.memory_plan) reads it here
+PRECISIONS = ("bf16", "fp16", "fp32")  # train.precision; the memory plan and autocast (ddeseg.training.precision) read it here
 # The model parts `train.activation_checkpointing` may name (`DDESeg.set_activation_checkpointing`).
 CHECKPOINT_PARTS = ("visual_stages", "visual_blocks", "aligners", "head")
 TRAINING_KEY_CHOICES: dict[str, tuple[str, ...]] = {
@@ -631,8 +631,10 @@ def load_config(path: str | Path | None, overrides: Sequence[Override] | None = 
     try:
         return config_from_dict(data, overrides)
     except ConfigError as error:
-        # No file: the error is in the options or `--set` items (written as `key=value`).
-        where = path if path is not None else "the command line (" + " ".join(map(override_text, overrides or [])) + ")"
+        # No file: the error is in the `--set` items or the options (an option as `key=value`).
+        where = path if path is not None else " ".join(
+            f"--set {item}" if isinstance(item, str) else override_text(item) for item in overrides or []
+        )
         raise ConfigError(f"{where}: {error}") from None
 
 
