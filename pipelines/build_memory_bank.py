@@ -672,21 +672,6 @@ def build_memory_bank(
     embed_fn: EmbedFn | None = None,
     embed_fingerprint: str | None = None,
 ) -> MemoryBankResult:
-    """`_build_memory_bank` (see there) as the one writer of BANK_DIR (`ddeseg.runlock`); a full
-    disk is one line naming BANK_DIR (the earlier bank stays: every file is renamed into place)."""
-    out = Path(paths.out)
-    with writer_lock(out, "ddeseg build-memory-bank"), reporting_disk_full(out, "the memory bank"):
-        return _build_memory_bank(config, paths, run, embed_fn=embed_fn, embed_fingerprint=embed_fingerprint)
-
-
-def _build_memory_bank(
-    config: Config,
-    paths: MemoryBankPaths,
-    run: RunOptions = RunOptions(),
-    *,
-    embed_fn: EmbedFn | None = None,
-    embed_fingerprint: str | None = None,
-) -> MemoryBankResult:
     """Training shards of `config.task` -> `out/bank.npy`, `bank.json`, `embeddings.parquet`,
     `config.yaml`.
 
@@ -705,48 +690,51 @@ def _build_memory_bank(
         embed_fn, embed_fingerprint: a replacement embedder `[B, frames, mel] -> [B, dim]` and
             its fingerprint (tests, other backbones); default: the frozen model's `embed_audio`.
     """
-    started = time.perf_counter()
-    out_dir, settings, task = Path(paths.out), config.memory_bank, config.task
-    if out_dir.exists() and not out_dir.is_dir():  # before the embedding pass, not after it
-        raise DDESegError(f"--out {out_dir} exists and is not a directory; give a folder path")
-    index = ShardIndex(Path(paths.shards), need_manifest=False)  # bare shard folders are fine here
-    device = resolve_device(run.device)
-    faiss_gpu = resolve_faiss_device(device, explicit=run.device not in (None, "auto"))  # before embedding
+    # One writer of BANK_DIR (`ddeseg.runlock`); a full disk is one line naming it (the earlier
+    # bank stays: every file is renamed into place).
+    with writer_lock(Path(paths.out), "ddeseg build-memory-bank"), reporting_disk_full(Path(paths.out), "the memory bank"):
+        started = time.perf_counter()
+        out_dir, settings, task = Path(paths.out), config.memory_bank, config.task
+        if out_dir.exists() and not out_dir.is_dir():  # before the embedding pass, not after it
+            raise DDESegError(f"--out {out_dir} exists and is not a directory; give a folder path")
+        index = ShardIndex(Path(paths.shards), need_manifest=False)  # bare shard folders are fine here
+        device = resolve_device(run.device)
+        faiss_gpu = resolve_faiss_device(device, explicit=run.device not in (None, "auto"))  # before embedding
 
-    embed_started = time.perf_counter()
-    table, embedding = _embedding_table(config, paths, run, index, device, embed_fn, embed_fingerprint)
-    seconds = {"embed": round(time.perf_counter() - embed_started, 3)}
+        embed_started = time.perf_counter()
+        table, embedding = _embedding_table(config, paths, run, index, device, embed_fn, embed_fingerprint)
+        seconds = {"embed": round(time.perf_counter() - embed_started, 3)}
 
-    names, bank_ids = index.class_names(), index.bank_class_ids(task)
-    background = int(index.classes.get("background", 0))
-    assignment = assign_to_classes(table, bank_ids, settings.include_multi_source, settings.silence_row, background)
-    cluster_started = time.perf_counter()
-    bank, stats = cluster_class_embeddings(
-        assignment.by_class,
-        settings.k,
-        niter=settings.niter,
-        seed=settings.seed,
-        spherical=settings.spherical,
-        gpu=faiss_gpu,
-        nredo=settings.nredo,
-        class_ids=bank_ids,
-        class_names={i: names[i] if i < len(names) else str(i) for i in bank_ids},
-        allow_missing=settings.allow_missing_classes,
-        optional_classes=() if settings.silence_row else (background,),
-        missing_fill=settings.missing_fill,
-        progress=run.progress,
-    )
-    seconds["cluster"] = round(time.perf_counter() - cluster_started, 3)
-    seconds["total"] = round(time.perf_counter() - started, 3)
-    report = _bank_report(config, index, bank, stats, assignment, table, embedding, faiss_gpu, seconds)
-    bank_path, json_path = out_dir / BANK_FILE, out_dir / BANK_JSON
-    write_stage_config(config, out_dir)
-    write_bytes_atomic(bank_path, encode_array(bank))
-    write_bytes_atomic(json_path, (json.dumps(report, indent=1) + "\n").encode())
-    return MemoryBankResult(
-        out_dir, bank_path, json_path, out_dir / CACHE_FILE, tuple(bank.shape), stats, report["samples"],
-        paths.reuse_embeddings, report,
-    )
+        names, bank_ids = index.class_names(), index.bank_class_ids(task)
+        background = int(index.classes.get("background", 0))
+        assignment = assign_to_classes(table, bank_ids, settings.include_multi_source, settings.silence_row, background)
+        cluster_started = time.perf_counter()
+        bank, stats = cluster_class_embeddings(
+            assignment.by_class,
+            settings.k,
+            niter=settings.niter,
+            seed=settings.seed,
+            spherical=settings.spherical,
+            gpu=faiss_gpu,
+            nredo=settings.nredo,
+            class_ids=bank_ids,
+            class_names={i: names[i] if i < len(names) else str(i) for i in bank_ids},
+            allow_missing=settings.allow_missing_classes,
+            optional_classes=() if settings.silence_row else (background,),
+            missing_fill=settings.missing_fill,
+            progress=run.progress,
+        )
+        seconds["cluster"] = round(time.perf_counter() - cluster_started, 3)
+        seconds["total"] = round(time.perf_counter() - started, 3)
+        report = _bank_report(config, index, bank, stats, assignment, table, embedding, faiss_gpu, seconds)
+        bank_path, json_path = out_dir / BANK_FILE, out_dir / BANK_JSON
+        write_stage_config(config, out_dir)
+        write_bytes_atomic(bank_path, encode_array(bank))
+        write_bytes_atomic(json_path, (json.dumps(report, indent=1) + "\n").encode())
+        return MemoryBankResult(
+            out_dir, bank_path, json_path, out_dir / CACHE_FILE, tuple(bank.shape), stats, report["samples"],
+            paths.reuse_embeddings, report,
+        )
 
 
 def _shard_list(index: ShardIndex, task: str) -> tuple[list[Path], list[list[Any]]]:
