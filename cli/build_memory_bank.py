@@ -59,7 +59,6 @@ def build_memory_bank_command(
     """
     from rich.console import Console
 
-    from ddeseg.config import load_config
     from ddeseg.pipelines.build_memory_bank import MemoryBankPaths, build_memory_bank, summary_table
     from ddeseg.stage import RunOptions
 
@@ -76,9 +75,7 @@ def build_memory_bank_command(
         "memory_bank.missing_fill": missing_fill,
         "memory_bank.batch_size": batch_size,
     }
-    resolved = load_config(config, options.stage_overrides(override, settings))
-    if print_config:
-        options.print_config(resolved)
+    resolved = options.stage_config(config, override, settings, print_config)
     paths = MemoryBankPaths(shards, out, audio_checkpoint=audio_checkpoint, reuse_embeddings=reuse_embeddings)
     with warnings.catch_warnings(), options.exit_130_on_interrupt():  # restores the usual warning printer afterwards
         warnings.showwarning = _one_line_warning

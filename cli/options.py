@@ -66,6 +66,17 @@ def print_config_option() -> Any:
     return typer.Option(False, "--print-config", help="Print the resolved config (config file, --set, this command's options) as YAML and exit.")
 
 
+def stage_config(config: Any, sets: list[str], aliases: Mapping[str, Any], print_only: bool) -> Any:
+    """A command's resolved config: the file (or bundled name), `--set`, then its own options
+    (`stage_overrides`); with `--print-config` (`print_only`) it is printed and the command ends."""
+    from ddeseg.config import load_config
+
+    resolved = load_config(config, stage_overrides(sets, aliases))
+    if print_only:
+        print_config(resolved)
+    return resolved
+
+
 def print_config(config: Any) -> None:
     """The resolved config as YAML on stdout (what OUT/config.yaml would hold), then exit 0."""
     import yaml

@@ -58,7 +58,6 @@ def prepare_command(
     """
     from rich.console import Console
 
-    from ddeseg.config import load_config
     from ddeseg.pipelines.prepare import PreparePaths, prepare, summary_table
     from ddeseg.stage import RunOptions
 
@@ -68,9 +67,7 @@ def prepare_command(
         "prepare.export_bbox_json": export_bbox_json,
         "prepare.avsbench_part": avsbench_part,
     }
-    resolved = load_config(config, options.stage_overrides(override, settings))
-    if print_config:
-        options.print_config(resolved)
+    resolved = options.stage_config(config, override, settings, print_config)
     paths = PreparePaths(
         layout=layout.value,
         root=root,

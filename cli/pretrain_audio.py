@@ -30,12 +30,9 @@ def pretrain_audio_command(
 
         ddeseg pretrain-audio --shards shards/ --config configs/tiny.yaml --out runs/audio --steps 300
     """
-    from ddeseg.config import load_config
     from ddeseg.pipelines.pretrain_audio import PretrainAudioPaths, pretrain_audio
     from ddeseg.stage import RunOptions
 
-    resolved = load_config(config, options.stage_overrides(override, {"task": task, "pretrain_audio.steps": steps}))
-    if print_config:
-        options.print_config(resolved)
+    resolved = options.stage_config(config, override, {"task": task, "pretrain_audio.steps": steps}, print_config)
     with options.exit_130_on_interrupt():
         pretrain_audio(resolved, PretrainAudioPaths(shards, out), RunOptions(device=device, progress=not quiet))
